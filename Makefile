@@ -1,0 +1,34 @@
+# vlaprune: `make demo` and `make test` create .venv (Python >= 3.12) when missing, install the
+# package editable with all extras when pyproject.toml changed, then run. Both are idempotent.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: demo test lint bench-analyze clean
+
+$(PY):
+	@python=$$(scripts/find-python.sh) && echo "creating $(VENV) with $$python" && "$$python" -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[lerobot,dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/vlaprune analyze --policy.path=tiny:smolvla --dataset.repo_id=synthetic \
+		--calibration.num_samples=16 --out=outputs/demo --overwrite=true
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu" -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+
+bench-analyze: $(STAMP)
+	$(PY) benchmarks/analyze_overhead.py
+
+clean:
+	rm -rf $(VENV) outputs build *.egg-info src/*.egg-info

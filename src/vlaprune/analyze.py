@@ -1,0 +1,223 @@
+"""``vlaprune analyze``: one calibration pass, a CKA matrix per stack, written as JSON and heatmaps."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import CaptureConfig, collect_residuals
+from .cka import CKAConfig, StreamingCKA
+from .config import AnalyzeConfig
+from .families import family_for
+from .families.base import Family
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StackAnalysis:
+    """CKA between the L+1 residual states of one stack (index 0 = stack input, i = output of block i-1)."""
+
+    name: str
+    num_layers: int
+    cka: tuple[tuple[float, ...], ...]
+    num_updates: int
+    num_examples: int
+
+    def adjacent(self) -> list[tuple[int, float]]:
+        """(block index, CKA between its input and its output): high = the block barely changes the stream."""
+        return [(i, self.cka[i][i + 1]) for i in range(self.num_layers)]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    policy: str
+    family: str
+    stacks: dict[str, StackAnalysis]
+    structure: dict[str, Any]
+    settings: dict[str, Any]
+    calibration: dict[str, Any]
+    seconds: float
+    versions: dict[str, str] = field(default_factory=lambda: library_versions())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "family": self.family,
+            "stacks": {
+                name: {
+                    "num_layers": s.num_layers,
+                    "cka": [list(row) for row in s.cka],
+                    "adjacent": [{"block": i, "cka": v} for i, v in s.adjacent()],
+                    "num_updates": s.num_updates,
+                    "num_examples": s.num_examples,
+                }
+                for name, s in self.stacks.items()
+            },
+            "structure": self.structure,
+            "settings": self.settings,
+            "calibration": self.calibration,
+            "seconds": round(self.seconds, 3),
+            "versions": self.versions,
+        }
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("vlaprune", "lerobot", "transformers", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def compute_stack_cka(
+    policy: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    *,
+    family: Family | None = None,
+    cka: CKAConfig | None = None,
+    capture: CaptureConfig | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, StackAnalysis]:
+    """Stream calibration batches through ``policy`` and return a CKA matrix per stack.
+
+    Each pass folds its residual states into one streaming accumulator per stack and drops them,
+    so memory does not grow with the number of batches. The expert stacks see one update per flow
+    timestep per batch.
+    """
+    family = family or family_for(policy)
+    cka = cka or CKAConfig()
+    capture = capture or CaptureConfig()
+    depths = family.depths(policy)
+    accumulators = {name: StreamingCKA(depth + 1, cka) for name, depth in depths.items()}
+    generator = torch.Generator().manual_seed(capture.seed)
+    policy.eval()
+    for batch in batches:
+        for recorded in collect_residuals(policy, family, batch, config=capture, generator=generator):
+            accumulators[recorded.stack].update(recorded.states, recorded.mask)
+            del recorded
+        if on_batch is not None:
+            on_batch(1)
+    results: dict[str, StackAnalysis] = {}
+    for name, acc in accumulators.items():
+        matrix = acc.compute().cpu().tolist()
+        results[name] = StackAnalysis(
+            name=name,
+            num_layers=depths[name],
+            cka=tuple(tuple(float(v) for v in row) for row in matrix),
+            num_updates=acc.num_updates,
+            num_examples=acc.num_examples,
+        )
+    return results
+
+
+def settings_dict(cka: CKAConfig, capture: CaptureConfig) -> dict[str, Any]:
+    return {"cka": asdict(cka), "capture": {"timesteps": list(capture.timesteps), "seed": capture.seed}}
+
+
+def analyze_policy(
+    spec: str,
+    policy: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    *,
+    calibration: dict[str, Any],
+    cka: CKAConfig,
+    capture: CaptureConfig,
+    on_batch: Callable[[int], None] | None = None,
+) -> Analysis:
+    family = family_for(policy)
+    start = time.perf_counter()
+    stacks = compute_stack_cka(policy, batches, family=family, cka=cka, capture=capture, on_batch=on_batch)
+    return Analysis(
+        policy=spec,
+        family=family.name,
+        stacks=stacks,
+        structure=family.describe(policy),
+        settings=settings_dict(cka, capture),
+        calibration=calibration,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output directory unless ``overwrite`` (checked before any work is done)."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} exists; pass --overwrite to replace it")
+
+
+def write_atomically(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill a temporary sibling directory, then move it into place.
+
+    A failure leaves nothing at ``out`` (or the previous results, untouched, when overwriting).
+    """
+    prepare_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run_analyze(cfg: AnalyzeConfig, *, on_batch: Callable[[int], None] | None = None) -> Analysis:
+    """The ``vlaprune analyze`` entry point: load, calibrate, analyse, write ``cfg.out`` atomically."""
+    from .calibration import SYNTHETIC, calibration_batches
+    from .policies import is_builtin, load_policy
+    from .report import write_analysis
+
+    cfg.validate()
+    assert cfg.policy.path and cfg.dataset.repo_id and cfg.out  # checked by validate()
+    out = Path(cfg.out)
+    prepare_output_dir(out, cfg.overwrite)  # fail before minutes of work, not after
+    bundle = load_policy(cfg.policy.path, seed=cfg.policy.seed, device=cfg.policy.device)
+    calib = cfg.calibration.calibration()
+    batches = calibration_batches(
+        bundle.policy,
+        bundle.preprocessor,
+        repo_id=cfg.dataset.repo_id,
+        root=cfg.dataset.root,
+        config=calib,
+        allow_synthetic=is_builtin(cfg.policy.path),
+    )
+    calibration = {
+        "source": cfg.dataset.repo_id,
+        "root": cfg.dataset.root,
+        "synthetic": cfg.dataset.repo_id == SYNTHETIC,
+        "num_samples": calib.num_samples,
+        "batch_size": calib.batch_size,
+        "seed": calib.seed,
+    }
+    analysis = analyze_policy(
+        cfg.policy.path,
+        bundle.policy,
+        batches,
+        calibration=calibration,
+        cka=cfg.cka.config(),
+        capture=cfg.calibration.capture(),
+        on_batch=on_batch,
+    )
+    write_atomically(out, cfg.overwrite, lambda tmp: write_analysis(analysis, tmp))
+    logger.info("wrote %s", out)
+    return analysis

@@ -1,0 +1,93 @@
+"""Shared pieces of the built-in offline policies (``tiny:*`` and ``real:*``).
+
+Built-in policies exist so that tests, the demo and the speed benchmarks run with no download:
+their VLM configs, tokenizers and processors are generated into a local cache directory, their
+weights are seeded. ``tiny`` variants are small and their weights are perturbed away from the
+initial values (an identity-like init makes equivalence tests pass for the wrong reason);
+``real`` variants have the real architectures' shapes and random weights (enough for timing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# Feature layout shared by every built-in policy: one camera, a 6-d state and a 6-d action.
+CAMERA_KEY = "observation.images.top"
+STATE_KEY = "observation.state"
+ACTION_KEY = "action"
+STATE_DIM = 6
+ACTION_DIM = 6
+
+
+@dataclass
+class BuiltPolicy:
+    """A built-in policy with the processors that feed it (LeRobot objects)."""
+
+    spec: str  # e.g. "tiny:smolvla"
+    policy: Any  # lerobot PreTrainedPolicy, eval mode, float32, CPU
+    preprocessor: Any  # lerobot PolicyProcessorPipeline (raw batch -> model batch)
+    postprocessor: Any  # lerobot PolicyProcessorPipeline (model action -> raw action)
+
+
+def cache_dir() -> Path:
+    """Where generated config / tokenizer directories live (``$VLAPRUNE_CACHE`` or ~/.cache/vlaprune)."""
+    root = os.environ.get("VLAPRUNE_CACHE") or Path.home() / ".cache" / "vlaprune"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def content_dir(kind: str, payload: dict[str, Any]) -> Path:
+    """A cache directory named after a hash of ``payload``: generated files never go stale."""
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return cache_dir() / f"{kind}-{digest}"
+
+
+@torch.no_grad()
+def perturb_parameters(module: nn.Module, *, seed: int, scale: float = 0.02) -> None:
+    """Add seeded Gaussian noise, relative to each tensor's scale, to every floating parameter.
+
+    Norm weights initialised to exactly 1 (or 0 for Gemma's ``1 + w`` norms) and zero biases would
+    otherwise make blocks look alike for the wrong reason.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for _, param in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+        if not param.dtype.is_floating_point:
+            continue
+        ref = param.detach().float().std() if param.numel() > 1 else param.detach().float().abs()
+        std = float(ref) if float(ref) > 0 else 1.0
+        noise = torch.randn(param.shape, generator=gen) * (scale * std + scale)
+        param.add_(noise.to(param.dtype))
+
+
+def synthetic_dataset_stats(features: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """Normalisation statistics for synthetic data: images in [0, 1], state/action standard normal."""
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for key, feat in features.items():
+        shape = tuple(feat.shape)
+        if key.startswith("observation.images."):
+            c = shape[0]
+            stats[key] = {
+                "mean": torch.full((c, 1, 1), 0.5),
+                "std": torch.full((c, 1, 1), 0.29),
+                "min": torch.zeros((c, 1, 1)),
+                "max": torch.ones((c, 1, 1)),
+            }
+        else:
+            stats[key] = {
+                "mean": torch.zeros(shape),
+                "std": torch.ones(shape),
+                "min": torch.full(shape, -3.0),
+                "max": torch.full(shape, 3.0),
+                "q01": torch.full(shape, -2.3),
+                "q99": torch.full(shape, 2.3),
+            }
+    return stats

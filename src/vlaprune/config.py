@@ -1,0 +1,83 @@
+"""Typed, validated configs of the entry points (parsed from LeRobot-style flags by draccus).
+
+``vlaprune analyze --policy.path=tiny:pi0 --dataset.repo_id=synthetic --out=DIR`` fills
+``AnalyzeConfig(policy=PolicyArgs(path="tiny:pi0"), dataset=DatasetArgs(repo_id="synthetic"), out="DIR")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .calibration import CalibrationConfig
+from .capture import DEFAULT_TIMESTEPS, CaptureConfig
+from .cka import PRESETS, CKAConfig
+
+
+@dataclass
+class PolicyArgs:
+    path: str | None = None  # local checkpoint dir, hub id, or tiny:/real: built-in
+    device: str = "cpu"
+    seed: int = 0  # seed of a built-in policy's weights
+
+
+@dataclass
+class DatasetArgs:
+    repo_id: str | None = None  # LeRobotDataset repo id, or "synthetic" (built-in policies only)
+    root: str | None = None  # local dataset directory
+
+
+@dataclass
+class CalibrationArgs:
+    num_samples: int = 32
+    batch_size: int = 8
+    seed: int = 0
+    timesteps: list[float] = field(default_factory=lambda: list(DEFAULT_TIMESTEPS))
+
+    def calibration(self) -> CalibrationConfig:
+        return CalibrationConfig(num_samples=self.num_samples, batch_size=self.batch_size, seed=self.seed)
+
+    def capture(self) -> CaptureConfig:
+        return CaptureConfig(timesteps=tuple(self.timesteps), seed=self.seed)
+
+
+@dataclass
+class CKAArgs:
+    preset: str = "default"  # "default" or "paper"
+    debiased: bool | None = None  # override the preset
+    tokens: str | None = None  # tokens | mean | last
+    max_tokens: int | None = None
+
+    def config(self) -> CKAConfig:
+        overrides = {k: v for k, v in (("debiased", self.debiased), ("tokens", self.tokens),
+                                        ("max_tokens", self.max_tokens)) if v is not None}
+        return CKAConfig.preset(self.preset, **overrides)
+
+
+@dataclass
+class AnalyzeConfig:
+    policy: PolicyArgs = field(default_factory=PolicyArgs)
+    dataset: DatasetArgs = field(default_factory=DatasetArgs)
+    calibration: CalibrationArgs = field(default_factory=CalibrationArgs)
+    cka: CKAArgs = field(default_factory=CKAArgs)
+    out: str | None = None
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        """Check everything that can be checked before loading a model."""
+        if not self.policy.path:
+            raise ValueError("--policy.path is required (a checkpoint dir, a hub id, or e.g. tiny:smolvla)")
+        if not self.dataset.repo_id:
+            raise ValueError("--dataset.repo_id is required (a LeRobotDataset, or 'synthetic' for built-ins)")
+        if not self.out:
+            raise ValueError("--out is required: the directory that receives analysis.json and heatmaps")
+        if self.cka.preset not in PRESETS:
+            raise ValueError(f"--cka.preset={self.cka.preset!r} is unknown; presets: {', '.join(PRESETS)}")
+        cka = self.cka.config()
+        smallest = min(self.calibration.calibration().batch_sizes)
+        self.calibration.capture()
+        if cka.debiased and cka.tokens != "tokens" and smallest < 4:
+            raise ValueError(
+                f"debiased CKA needs at least 4 examples per batch; with --cka.tokens={cka.tokens} a batch "
+                f"of {smallest} sample(s) gives {smallest}. Raise --calibration.num_samples / batch_size "
+                "or use --cka.debiased=false"
+            )

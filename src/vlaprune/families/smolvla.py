@@ -1,0 +1,89 @@
+"""SmolVLA (LeRobot 0.6.1, ``policies/smolvla``): SmolVLM text layers + action-expert layers.
+
+Rules (LEROBOT_FACTS.md): the expert reads the VLM's KV cache layer by layer, so both stacks lose
+the same indices (lockstep); with cross-attention, an expert block is self-attention when
+``layer_idx % self_attn_every_n_layers == 0`` and cross-attention otherwise, and that role is baked
+into its k/v projection shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from .base import Family, PrefixPass, RoleRule, StackSpec, register_family
+
+_VLM = "model.vlm_with_expert.vlm.model.text_model"
+_EXPERT = "model.vlm_with_expert.lm_expert"
+
+
+class SmolVLARunner:
+    """Prefix through the VLM with a KV cache, then ``denoise_step`` per flow timestep."""
+
+    def prefix(self, policy: nn.Module, batch: dict[str, Any]) -> PrefixPass:
+        import torch
+        from lerobot.policies.common.vla_utils import make_att_2d_masks
+        from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
+        if not policy.config.use_cache:
+            raise ValueError("SmolVLA capture needs config.use_cache=True (the expert reads the VLM's KV cache)")
+        if policy.config.adapt_to_pi_aloha:
+            raise ValueError("SmolVLA with adapt_to_pi_aloha=True is not supported by capture yet")
+        model = policy.model
+        images, img_masks = policy.prepare_images(batch)
+        state = policy.prepare_state(batch)
+        actions = policy.prepare_action(batch)
+        # prefix tokens: [image specials + image tokens]*cameras + language + state, padded to prefix_length
+        embs, pad_mask, att_mask = model.embed_prefix(
+            images, img_masks, batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK], state=state
+        )
+        att_2d = make_att_2d_masks(pad_mask, att_mask)
+        position_ids = torch.cumsum(pad_mask, dim=1) - 1
+        _, cache = model.vlm_with_expert.forward(
+            attention_mask=att_2d,
+            position_ids=position_ids,
+            past_key_values=None,
+            inputs_embeds=[embs, None],
+            use_cache=True,
+        )
+        return PrefixPass(pad_mask=pad_mask, cache=cache, actions=actions)
+
+    def expert(self, policy: nn.Module, prefix: PrefixPass, x_t: Tensor, t: Tensor) -> Tensor:
+        # (batch, chunk, max_action_dim) velocity; denoise_step crops the cache back to the prefix
+        return policy.model.denoise_step(
+            prefix_pad_masks=prefix.pad_mask, past_key_values=prefix.cache, x_t=x_t, timestep=t
+        )
+
+
+SMOLVLA = register_family(
+    Family(
+        name="smolvla",
+        policy_types=("smolvla",),
+        stacks=(
+            StackSpec("vlm", f"{_VLM}.layers", f"{_VLM}.norm", depth_key="num_vlm_layers",
+                      description="SmolVLM text decoder layers"),
+            StackSpec("expert", f"{_EXPERT}.layers", f"{_EXPERT}.norm", depth_key="num_expert_layers",
+                      description="action-expert layers (self/cross-attention to the VLM's KV)"),
+        ),
+        prefix_stacks=("vlm",),
+        expert_stacks=("expert",),
+        lockstep=(("vlm", "expert"),),
+        role_rules=(
+            RoleRule(
+                stack="expert",
+                period="self_attn_every_n_layers",
+                residue_roles=((0, "self"),),
+                default="cross",
+                why="cross-attention k/v projections take the VLM's width: the role is in the weight shapes",
+                when=lambda cfg: "cross" in cfg.attention_mode,
+            ),
+        ),
+        notes=(
+            "expert layer i reads VLM layer i's KV cache: both stacks keep the same indices",
+            "LeRobot 0.6.1 builds cross-attention expert layers by expert index but runs them by VLM index: "
+            "num_expert_layers < num_vlm_layers with cross-attention fails on shapes in stock LeRobot",
+        ),
+        runner=SmolVLARunner(),
+    )
+)

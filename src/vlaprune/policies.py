@@ -1,0 +1,90 @@
+"""``load_policy(spec)``: a LeRobot policy and its processors from a built-in name, a local
+checkpoint directory or a hub id, never with silently random weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .builtin.common import BuiltPolicy
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_SPECS = ("tiny:smolvla", "tiny:pi0", "tiny:pi05", "real:smolvla", "real:pi0", "real:pi05")
+
+
+def is_builtin(spec: str) -> bool:
+    return spec.split(":", 1)[0] in ("tiny", "real") and ":" in spec
+
+
+def load_policy(spec: str, *, seed: int = 0, device: str = "cpu") -> BuiltPolicy:
+    """Load ``spec``: ``tiny:<family>`` / ``real:<family>`` (built offline), a local LeRobot
+    checkpoint directory, or a hub repo id (downloaded by LeRobot; not possible offline)."""
+    if is_builtin(spec):
+        bundle = _build_builtin(spec, seed=seed)
+    elif Path(spec).exists():
+        bundle = _load_pretrained(spec, local=True)
+    elif Path(spec).is_absolute() or spec.startswith((".", "~")) or spec.count("/") != 1:
+        raise FileNotFoundError(
+            f"policy {spec!r}: no such directory. Give a LeRobot checkpoint directory "
+            f"(with config.json and model.safetensors), a hub id 'user/name', or one of {', '.join(BUILTIN_SPECS)}"
+        )
+    else:
+        bundle = _load_pretrained(spec, local=False)
+    bundle.policy.to(device)
+    bundle.policy.eval()
+    return bundle
+
+
+def _build_builtin(spec: str, *, seed: int) -> BuiltPolicy:
+    size, name = spec.split(":", 1)
+    if spec not in BUILTIN_SPECS:
+        raise ValueError(f"unknown built-in policy {spec!r}; built-in policies: {', '.join(BUILTIN_SPECS)}")
+    if name == "smolvla":
+        from .builtin import smolvla
+
+        return smolvla.build(size, seed=seed)  # type: ignore[arg-type]
+    from .builtin import pi0
+
+    return pi0.build(name, size, seed=seed)  # type: ignore[arg-type]
+
+
+def _load_pretrained(path: str, *, local: bool) -> BuiltPolicy:
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+
+    from .families import family_for
+
+    config = PreTrainedConfig.from_pretrained(path)
+    family_for(config.type)  # unsupported types fail here, listing the supported ones
+    policy_cls = get_policy_class(config.type)
+    policy = policy_cls.from_pretrained(path, config=config)
+    if local:
+        check_weights_match(policy, Path(path) / "model.safetensors")
+    preprocessor, postprocessor = make_pre_post_processors(config, pretrained_path=path)
+    return BuiltPolicy(spec=path, policy=policy, preprocessor=preprocessor, postprocessor=postprocessor)
+
+
+def check_weights_match(policy: Any, weights: Path) -> None:
+    """Refuse a checkpoint whose tensors do not cover the policy exactly.
+
+    LeRobot's loaders are lenient (pi0 prints a warning and keeps random layers; the base loader
+    only logs missing keys), so compare key sets and shapes ourselves.
+    """
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: a LeRobot checkpoint directory needs model.safetensors")
+    with safe_open(str(weights), framework="pt") as f:
+        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    expected = {key: tuple(t.shape) for key, t in policy.state_dict().items()}
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    wrong = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{weights} does not match the policy its config builds: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(wrong)} with other shapes (e.g. {wrong[:3]}). Loading it would leave random weights."
+        )

@@ -1,0 +1,70 @@
+"""Pictures and tables of an analysis: one CKA heatmap per stack, the most similar adjacent blocks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .analyze import Analysis, StackAnalysis
+
+
+def plot_cka_heatmap(stack: StackAnalysis, title: str, path: Path) -> None:
+    """(L+1)×(L+1) CKA heatmap; tick i is the residual stream after i blocks (0 = stack input)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    matrix = np.array(stack.cka, dtype=float)
+    n = matrix.shape[0]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.32 * n, 1.0 + 0.3 * n), dpi=120)
+    image = ax.imshow(matrix, cmap="magma", vmin=0.0, vmax=1.0, origin="upper")
+    ticks = list(range(n))
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+    ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=7)
+    ax.set_xlabel("residual state (0 = stack input, i = output of block i-1)")
+    ax.set_ylabel("residual state")
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="linear CKA")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def heatmap_title(analysis: Analysis, stack: str) -> str:
+    cka = analysis.settings["cka"]
+    timesteps = analysis.settings["capture"]["timesteps"]
+    est = f"{cka['estimator']}, {'debiased' if cka['debiased'] else 'biased'}, tokens={cka['tokens']}"
+    when = f", flow t={timesteps}" if stack in analysis.structure.get("expert_stacks", []) else ""
+    source = analysis.calibration.get("source", "?")
+    return (
+        f"{analysis.policy} — {stack} ({analysis.stacks[stack].num_layers} blocks)\n"
+        f"CKA {est}{when}; {analysis.calibration.get('num_samples', '?')} samples from {source}"
+    )
+
+
+def adjacent_table(analysis: Analysis, top: int = 5) -> str:
+    """Per stack, the blocks whose input and output are most alike (candidates for removal)."""
+    lines = []
+    for name, stack in analysis.stacks.items():
+        ranked = sorted(stack.adjacent(), key=lambda item: -item[1])[:top]
+        lines.append(f"{name} ({stack.num_layers} blocks): most similar input/output")
+        lines.append(f"  {'block':>5}  {'CKA(in, out)':>12}")
+        lines.extend(f"  {block:>5}  {value:>12.4f}" for block, value in ranked)
+    return "\n".join(lines)
+
+
+def write_analysis(analysis: Analysis, directory: Path) -> list[Path]:
+    """``analysis.json`` and ``cka_<stack>.png`` per stack into ``directory``; returns the files."""
+    files = []
+    data: dict[str, Any] = analysis.to_json()
+    json_path = directory / "analysis.json"
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    files.append(json_path)
+    for name, stack in analysis.stacks.items():
+        png = directory / f"cka_{name}.png"
+        plot_cka_heatmap(stack, heatmap_title(analysis, name), png)
+        files.append(png)
+    return files

@@ -1,0 +1,34 @@
+"""Offline, seeded, CPU-only test setup."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+TINY_SPECS = ("tiny:smolvla", "tiny:pi0", "tiny:pi05")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Generated config/tokenizer directories go to a per-session folder, not the user's cache."""
+    os.environ["VLAPRUNE_CACHE"] = str(tmp_path_factory.mktemp("vlaprune-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """``tiny(spec)``: a built tiny policy bundle, built once per session and shared READ-ONLY
+    (build your own with ``load_policy`` to mutate one)."""
+    from vlaprune import load_policy
+
+    built: dict = {}
+
+    def get(spec: str):
+        if spec not in built:
+            built[spec] = load_policy(spec)
+        return built[spec]
+
+    return get
