@@ -1,0 +1,254 @@
+"""Built-in SmolVLA policies (``tiny:smolvla``, ``real:smolvla``), built with no download.
+
+SmolVLA always reads a SmolVLM config and processor from ``config.vlm_model_name``, even with
+``load_vlm_weights=False``, and LeRobot's preprocessor loads its tokenizer from the same name. So we
+generate a local SmolVLM "model directory" (config, image/video processors, a word-level tokenizer
+with SmolVLM's special tokens) once into the content-addressed cache, point ``vlm_model_name`` at it
+and let LeRobot build everything else with its own code.
+
+``real`` has the shapes of SmolVLM2-500M-Video-Instruct (the stock SmolVLA backbone) with random
+weights; ``tiny`` is a few-MB model with the same structure (alternating self/cross-attention
+expert layers, a VLM cut to ``num_vlm_layers``) whose weights are perturbed away from init.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .common import (
+    ACTION_DIM,
+    ACTION_KEY,
+    CAMERA_KEY,
+    STATE_DIM,
+    STATE_KEY,
+    BuiltPolicy,
+    content_dir,
+    perturb_parameters,
+    synthetic_dataset_stats,
+)
+
+logger = logging.getLogger(__name__)
+
+Size = Literal["tiny", "real"]
+
+# Bump when the generated directory's layout changes, so old caches are not reused.
+_FORMAT_VERSION = 1
+
+# Special tokens: SmolVLM2's names (SmolVLA reads `fake_image_token_id` and `global_image_token_id`).
+_UNK, _BOS, _EOS, _PAD = "<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<|im_end|>"
+_MODEL_TOKENS = {
+    "fake_image_token": "<fake_token_around_image>",
+    "image_token": "<image>",
+    "global_image_token": "<global-img>",
+    "end_of_utterance_token": _EOS,
+}
+_SPECIAL = [_UNK, _BOS, _EOS, _PAD, "<fake_token_around_image>", "<image>", "<global-img>", "<video>"]
+# Lowercase words of robot task instructions (covers every MetaWorld task description), digits and
+# punctuation. Anything else maps to the unknown token.
+_WORDS = """
+a an the and or of to into onto on off in out up down from with by using at under over above below
+behind front left right top bottom side middle center near far next between inside outside around
+back forward sideways clockwise counterclockwise degrees slowly quickly gently then while until
+pick place put push pull press open close turn rotate rotating revolving slide lift drop grasp grab
+hold release move reach stack insert remove take get kick dunk sweep unplug plug lock unlock stir
+pour wipe fold hang fill empty flip set bring go stop
+cube block box ball basketball soccer puck peg nut screw hole bin basket cup mug bottle can plate
+bowl spoon fork knife pan pot lid drawer door window cabinet shelf table counter wall goal handle
+lever button dial faucet tap hammer stick coffee machine gripper joint position towel cloth sponge
+book pen marker toy apple banana orange lemon carrot bread fridge microwave oven sink stove tray
+red green blue yellow black white orange purple pink brown gray small big large long short tall
+first second third last one two three another other this that it its all both each
+is are be please can you robot arm task
+""".split()
+_DIGITS = list("0123456789")
+_PUNCT = list(".,;:!?'\"-()/")
+
+# SmolVLM2-500M-Video-Instruct text model (a SmolLM2-360M Llama) and vision tower (SigLIP
+# base-patch16-512), as published in the model's config.json.
+_REAL_TEXT = {
+    "model_type": "llama", "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+    "num_attention_heads": 15, "num_key_value_heads": 5, "head_dim": 64, "vocab_size": 49280,
+    "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+    "hidden_act": "silu", "tie_word_embeddings": False,
+}
+_REAL_VISION = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "image_size": 512, "patch_size": 16,
+}
+# Tiny: same family, small widths; 12 text layers of which SmolVLA keeps the first 8.
+_TINY_TEXT = {
+    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 12,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 384,
+    "max_position_embeddings": 512, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+    "hidden_act": "silu", "tie_word_embeddings": False,
+}
+# 64 px / 8 px patches = 8x8 patches; pixel shuffle by 2 leaves 16 image tokens per camera.
+_TINY_VISION = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "image_size": 64, "patch_size": 8,
+}
+
+_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "text": _TINY_TEXT, "vision": _TINY_VISION, "scale_factor": 2, "raw_image_hw": 96,
+        "policy": {"num_vlm_layers": 8, "chunk_size": 10, "n_action_steps": 10, "num_steps": 4,
+                   "tokenizer_max_length": 16},
+    },
+    "real": {
+        "text": _REAL_TEXT, "vision": _REAL_VISION, "scale_factor": 4, "raw_image_hw": 512,
+        "policy": {"num_vlm_layers": 16, "chunk_size": 50, "n_action_steps": 50, "num_steps": 10,
+                   "tokenizer_max_length": 48},
+    },
+}
+
+
+def build(size: Size, *, seed: int = 0) -> BuiltPolicy:
+    """Build ``<size>:smolvla``: a ``SmolVLAPolicy`` (eval, float32, CPU) and LeRobot's stock processors.
+
+    Deterministic for a given ``seed``; the global torch RNG state is left as it was. Only the
+    generated SmolVLM directory is cached (on disk); weights are always freshly seeded.
+    """
+    if size not in _SIZES:
+        raise ValueError(f"unknown SmolVLA size {size!r}; choose one of {', '.join(_SIZES)}")
+    from lerobot.configs import FeatureType, PolicyFeature
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    spec = _SIZES[size]
+    vlm_dir = smolvlm_dir(size)
+    image_size = spec["vision"]["image_size"]
+    hw = spec["raw_image_hw"]
+    config = SmolVLAConfig(
+        vlm_model_name=str(vlm_dir),
+        load_vlm_weights=False,
+        device="cpu",
+        push_to_hub=False,
+        resize_imgs_with_padding=(image_size, image_size),  # must equal the vision tower's size
+        num_expert_layers=-1,  # same count as the VLM: the stock pairing (see LEROBOT_FACTS.md)
+        attention_mode="cross_attn",
+        self_attn_every_n_layers=2,
+        expert_width_multiplier=0.75,
+        input_features={
+            CAMERA_KEY: PolicyFeature(type=FeatureType.VISUAL, shape=(3, hw, hw)),
+            STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,)),
+        },
+        output_features={ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
+        **spec["policy"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        policy = SmolVLAPolicy(config)
+    policy.to(device="cpu", dtype=torch.float32)
+    if size == "tiny":
+        perturb_parameters(policy, seed=seed)
+    policy.eval()
+    features = {**config.input_features, **config.output_features}
+    preprocessor, postprocessor = make_pre_post_processors(
+        config, dataset_stats=synthetic_dataset_stats(features)
+    )
+    return BuiltPolicy(spec=f"{size}:smolvla", policy=policy, preprocessor=preprocessor,
+                       postprocessor=postprocessor)
+
+
+def smolvlm_dir(size: Size) -> Path:
+    """The generated SmolVLM directory for ``size`` (config + processor), created on first use.
+
+    Written to a temporary sibling and renamed into place, so a crash never leaves a partial
+    directory under the final name and concurrent builders agree on one copy.
+    """
+    import transformers
+
+    spec = _SIZES[size]
+    payload = {
+        "format": _FORMAT_VERSION, "transformers": transformers.__version__, "text": spec["text"],
+        "vision": spec["vision"], "scale_factor": spec["scale_factor"], "vocab": _vocabulary(),
+        "model_tokens": _MODEL_TOKENS,
+    }
+    final = content_dir(f"smolvlm-{size}", payload)
+    if (final / "config.json").is_file():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        _write_smolvlm(tmp, spec)
+        try:
+            os.rename(tmp, final)
+            logger.info("generated SmolVLM directory %s", final)
+        except OSError:
+            if not (final / "config.json").is_file():  # lost a race only if the winner is complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _vocabulary() -> list[str]:
+    """Token strings in id order: special tokens first, then words, digits and punctuation."""
+    seen: dict[str, None] = dict.fromkeys(_SPECIAL + _WORDS + _DIGITS + _PUNCT)
+    return list(seen)
+
+
+def _make_tokenizer() -> Any:
+    """A word-level ``PreTrainedTokenizerFast`` over :func:`_vocabulary` with SmolVLM's special tokens.
+
+    The image tokens are passed as named model tokens, so the tokenizer exposes
+    ``fake_image_token_id`` / ``global_image_token_id`` / ``image_token_id`` like SmolVLM's.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_vocabulary())}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=_UNK))
+    backend.normalizer = normalizers.Lowercase()
+    # Words and punctuation runs split apart, each digit its own token.
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    backend.add_special_tokens(_SPECIAL)  # matched before normalisation, never split
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token=_UNK, bos_token=_BOS, eos_token=_EOS, pad_token=_PAD,
+        model_max_length=spec_max_positions(), **_MODEL_TOKENS,
+    )
+
+
+def spec_max_positions() -> int:
+    """Tokenizer ``model_max_length``: the smallest text context among the sizes."""
+    return min(s["text"]["max_position_embeddings"] for s in _SIZES.values())
+
+
+def _write_smolvlm(path: Path, spec: dict[str, Any]) -> None:
+    """Save a ``SmolVLMConfig`` and a ``SmolVLMProcessor`` (image/video processors, tokenizer) to ``path``."""
+    from transformers import SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+    tokenizer = _make_tokenizer()
+    if len(tokenizer) > spec["text"]["vocab_size"]:
+        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {spec['text']['vocab_size']}")
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (("bos", _BOS), ("eos", _EOS), ("pad", _PAD))}
+    text = {**spec["text"], "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
+    config = SmolVLMConfig(
+        text_config=text, vision_config=dict(spec["vision"]), scale_factor=spec["scale_factor"],
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=ids["pad"],
+    )
+    config.save_pretrained(path)
+    image_size = spec["vision"]["image_size"]
+    # One image of image_size px, no tiling: what SmolVLA feeds the vision tower itself.
+    image_kwargs = {
+        "do_resize": True, "size": {"longest_edge": image_size}, "max_image_size": {"longest_edge": image_size},
+        "do_image_splitting": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+    }
+    n_patches = (image_size // spec["vision"]["patch_size"]) ** 2
+    processor = SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessor(**image_kwargs),
+        tokenizer=tokenizer,
+        video_processor=SmolVLMVideoProcessor(**{k: v for k, v in image_kwargs.items() if k != "do_image_splitting"}),
+        image_seq_len=n_patches // spec["scale_factor"] ** 2,
+    )
+    processor.save_pretrained(path)

@@ -1,0 +1,458 @@
+"""Property and equivalence tests for vlaprune.cka (CPU, seeded, float64 where it matters)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from vlaprune.cka import (
+    PRESETS,
+    CKAConfig,
+    StreamingCKA,
+    _center,
+    _hsic_features,
+    _hsic_gram,
+    _hsic_matrix,
+    _hsic_matrix_features,
+    _hsic_matrix_gram,
+    _prefer_features,
+    linear_cka,
+    linear_hsic,
+    select_examples,
+)
+
+F64 = torch.float64
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _related(n: int, d1: int, d2: int, seed: int, offset: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and a noisy linear function of it, both with a non-zero mean (centring must matter)."""
+    x = _randn(n, d1, seed=seed) + offset
+    y = torch.tanh(x @ _randn(d1, d2, seed=seed + 1)) + 0.5 * _randn(n, d2, seed=seed + 2) - offset
+    return x, y
+
+
+def _batch(
+    widths: list[int], batch: int, tokens: int, seed: int, lengths: list[int] | None = None
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Correlated (batch, tokens, D_i) states, like a residual stream, and a right-padded mask."""
+    base = _randn(batch, tokens, widths[0], seed=seed)
+    states = [base]
+    for i, w in enumerate(widths[1:]):
+        mix = _randn(states[-1].shape[-1], w, seed=seed + 10 + i)
+        states.append(torch.tanh(states[-1] @ mix) + 0.3 * _randn(batch, tokens, w, seed=seed + 100 + i))
+    lengths = lengths or [tokens - (b % 3) for b in range(batch)]
+    mask = torch.arange(tokens)[None, :] < torch.tensor(lengths)[:, None]
+    return states, mask
+
+
+def _ref_hsic1(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Song et al. 2012, eq. 5, literally: explicit Gram matrices with zeroed diagonal and loops."""
+    n = x.shape[0]
+    k = [[float(x[i] @ x[j]) if i != j else 0.0 for j in range(n)] for i in range(n)]
+    l_ = [[float(y[i] @ y[j]) if i != j else 0.0 for j in range(n)] for i in range(n)]
+    trace_kl = sum(k[i][j] * l_[j][i] for i in range(n) for j in range(n))
+    sum_k = sum(sum(row) for row in k)
+    sum_l = sum(sum(row) for row in l_)
+    k_rows = [sum(k[i]) for i in range(n)]
+    l_cols = [sum(l_[j][i] for j in range(n)) for i in range(n)]  # (1ᵀ L̃)_i
+    one_kl_one = sum(k_rows[j] * l_cols[j] for j in range(n))  # 1ᵀ K̃ L̃ 1
+    return (trace_kl + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * one_kl_one) / (n * (n - 3))
+
+
+def _ref_hsic0(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Kornblith et al. 2019, eq. 3, literally: tr(K H L H) / (n-1)² with an explicit H."""
+    n = x.shape[0]
+    h = torch.eye(n, dtype=F64) - torch.ones(n, n, dtype=F64) / n
+    return float(torch.trace(x @ x.T @ h @ y @ y.T @ h)) / (n - 1) ** 2
+
+
+# ------------------------------------------------------------------------------------ pairwise math
+@pytest.mark.parametrize("debiased", [False, True])
+def test_self_similarity_is_one(debiased: bool) -> None:
+    x, _ = _related(40, 6, 6, seed=0)
+    assert linear_cka(x, x, debiased=debiased) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, 2.5 * x, debiased=debiased) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_linear_cka_is_symmetric(debiased: bool) -> None:
+    x, y = _related(30, 5, 9, seed=1)
+    forward, backward = linear_cka(x, y, debiased=debiased), linear_cka(y, x, debiased=debiased)
+    assert forward == pytest.approx(backward, abs=1e-14)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("shape", [(60, 5, 7), (12, 20, 30)])
+def test_invariant_to_orthogonal_maps_and_isotropic_scaling(
+    debiased: bool, shape: tuple[int, int, int]
+) -> None:
+    n, d1, d2 = shape
+    x, y = _related(n, d1, d2, seed=2)
+    q, _ = torch.linalg.qr(_randn(d1, d1, seed=3))
+    base = linear_cka(x, y, debiased=debiased)
+    assert linear_cka(x @ q, y, debiased=debiased) == pytest.approx(base, abs=1e-10)
+    assert linear_cka(7.0 * x, 0.01 * y, debiased=debiased) == pytest.approx(base, abs=1e-10)
+    assert linear_cka(x + 100.0, y, debiased=debiased) == pytest.approx(base, abs=1e-9)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_not_invariant_to_general_invertible_map(debiased: bool) -> None:
+    x = _randn(500, 10, seed=4)
+    q, _ = torch.linalg.qr(_randn(10, 10, seed=5))
+    a = q @ torch.diag(torch.tensor([100.0] + [1.0] * 9, dtype=F64)) @ q.T  # invertible, cond = 100
+    assert torch.linalg.matrix_rank(a) == 10
+    # Isotropic x: CKA(x, x a) ≈ ||a||_F² / (sqrt(d) ||aᵀa||_F) ≈ 1/sqrt(10), far from 1.
+    assert linear_cka(x, x @ a, debiased=debiased) < 0.5
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("shape", [(80, 6, 9), (10, 25, 40)])
+def test_feature_form_equals_gram_form(debiased: bool, shape: tuple[int, int, int]) -> None:
+    n, d1, d2 = shape
+    x, y = _related(n, d1, d2, seed=6)
+    gram, feat = _hsic_gram(x, y, debiased=debiased), _hsic_features(x, y, debiased=debiased)
+    assert feat == pytest.approx(gram, rel=1e-10)
+    assert linear_hsic(x, y, debiased=debiased) == pytest.approx(gram, rel=1e-10)
+    # the stacked (states, states) versions, with three widths
+    states = _center([x, y, torch.sin(x[:, :3])])
+    g = _hsic_matrix_gram(states, debiased=debiased)
+    f = _hsic_matrix_features(states, debiased=debiased)
+    torch.testing.assert_close(f, g, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g.T, rtol=0, atol=1e-12)
+
+
+def test_form_choice_follows_cost() -> None:
+    assert _prefer_features(4096, [64, 64, 64])  # many examples, narrow states: XᵀY is cheap
+    assert not _prefer_features(64, [4096, 4096, 4096])  # few examples, wide states: Gram is cheap
+    assert _prefer_features(100_000, [4096] * 3)  # a Gram stack would not fit in memory
+    for n, d in ((200, 6), (6, 200)):
+        x, y = _related(n, d, d, seed=20)
+        for debiased in (False, True):
+            value = float(_hsic_matrix([x, y], debiased=debiased)[0, 1])
+            assert value == pytest.approx(_hsic_gram(x, y, debiased=debiased), rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [4, 7, 12])
+def test_debiased_hsic_matches_song_reference(n: int) -> None:
+    x, y = _related(n, 3, 5, seed=7 + n, offset=2.0)  # uncentred data: the reference does not centre
+    ref = _ref_hsic1(x, y)
+    assert _hsic_gram(x, y, debiased=True) == pytest.approx(ref, rel=1e-8, abs=1e-10)
+    assert _hsic_features(x, y, debiased=True) == pytest.approx(ref, rel=1e-8, abs=1e-10)
+
+
+def test_biased_hsic_matches_kornblith_reference() -> None:
+    x, y = _related(9, 4, 6, seed=8)
+    ref = _ref_hsic0(x, y)
+    assert _hsic_gram(x, y) == pytest.approx(ref, rel=1e-9)
+    assert _hsic_features(x, y) == pytest.approx(ref, rel=1e-9)
+
+
+def test_correlated_and_independent_data() -> None:
+    x = _randn(200, 300, seed=9)
+    noisy = x + 0.05 * _randn(200, 300, seed=10)
+    assert linear_cka(x, noisy) > 0.99
+    assert linear_cka(x, noisy, debiased=True) > 0.99
+    y = _randn(200, 300, seed=11)  # independent; n < d, where the biased estimator is inflated
+    biased, debiased = linear_cka(x, y), linear_cka(x, y, debiased=True)
+    assert abs(debiased) < 0.05
+    assert biased > 0.3
+    assert abs(debiased) < abs(biased)
+
+
+def test_debiased_needs_four_examples() -> None:
+    x, y = _related(3, 4, 4, seed=12)
+    with pytest.raises(ValueError, match="at least 4 examples, got n=3"):
+        linear_cka(x, y, debiased=True)
+    assert math.isfinite(linear_cka(x, y))  # the biased estimator is fine
+
+
+def test_bad_pair_inputs_raise() -> None:
+    with pytest.raises(ValueError, match="same number of examples"):
+        linear_cka(_randn(5, 2, seed=0), _randn(6, 2, seed=0))
+    with pytest.raises(ValueError, match="2-D"):
+        linear_cka(_randn(5, 2, 2, seed=0), _randn(5, 2, seed=0))
+    with pytest.raises(ValueError, match="x is a constant representation"):
+        linear_cka(torch.ones(10, 3), _randn(10, 3, seed=0))
+
+
+def test_any_float_dtype_is_computed_in_float64() -> None:
+    x, y = _related(50, 8, 8, seed=13)
+    as_f32 = linear_cka(x.float(), y.float())
+    assert as_f32 == pytest.approx(linear_cka(x.float().double(), y.float().double()), abs=1e-12)
+    assert linear_cka(x.bfloat16(), y.bfloat16()) == pytest.approx(
+        linear_cka(x.bfloat16().double(), y.bfloat16().double()), abs=1e-12
+    )
+
+
+# ---------------------------------------------------------------------------------- token selection
+def test_select_examples_same_rows_for_every_state_when_subsampling() -> None:
+    batch, tokens = 4, 30
+    index = torch.arange(batch * tokens, dtype=F64).reshape(batch, tokens, 1)
+    states = [index * (k + 1) + torch.zeros(1, 1, 2 + k, dtype=F64) for k in range(3)]  # widths 2, 3, 4
+    mask = torch.arange(tokens)[None, :] < torch.tensor([30, 10, 25, 1])[:, None]
+    rows = select_examples(states, mask, "tokens", max_tokens=20, generator=torch.Generator().manual_seed(0))
+    ids = rows[0][:, 0].long()
+    assert ids.numel() == 20 and ids.unique().numel() == 20
+    assert mask.reshape(-1)[ids].all()  # only real tokens
+    for k, r in enumerate(rows):
+        assert r.shape == (20, 2 + k)
+        torch.testing.assert_close(r[:, 0], ids.to(F64) * (k + 1), rtol=0, atol=0)
+
+
+def test_last_token_with_left_and_right_padding() -> None:
+    states = [torch.arange(2 * 5, dtype=F64).reshape(2, 5, 1)]
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    left = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    assert select_examples(states, right, "last")[0].flatten().tolist() == [2.0, 9.0]
+    assert select_examples(states, left, "last")[0].flatten().tolist() == [4.0, 9.0]
+    mean = select_examples(states, left, "mean")[0].flatten().tolist()
+    assert mean == pytest.approx([3.0, 7.5])
+
+
+def test_sample_without_valid_token_raises() -> None:
+    states, mask = _batch([4, 4], batch=3, tokens=5, seed=14)
+    mask[1] = False
+    with pytest.raises(ValueError, match="sample 1 "):
+        select_examples(states, mask, "tokens")
+    for estimator in ("minibatch", "per_sample"):
+        with pytest.raises(ValueError, match="sample 1 "):
+            StreamingCKA(2, CKAConfig(estimator=estimator)).update(states, mask)
+
+
+def test_select_examples_input_errors() -> None:
+    states, mask = _batch([4, 4], batch=3, tokens=5, seed=15)
+    with pytest.raises(ValueError, match="mode='first' is unknown"):
+        select_examples(states, mask, "first")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mask must be None"):
+        select_examples([s[:, 0] for s in states], mask, "tokens")
+    with pytest.raises(ValueError, match=r"states\[1\] has shape"):
+        select_examples([states[0], states[1][:2]], mask, "tokens")
+    with pytest.raises(ValueError, match="mask has shape"):
+        select_examples(states, mask[:, :3], "tokens")
+
+
+# -------------------------------------------------------------------------------------- streaming
+def _expected_examples(states: list[torch.Tensor], mask: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """Examples selected by hand, independently of select_examples."""
+    if mode == "tokens":
+        return [s[mask] for s in states]
+    out = []
+    for s in states:
+        rows = []
+        for b in range(s.shape[0]):
+            real = s[b][mask[b]]
+            rows.append(real.mean(dim=0) if mode == "mean" else real[-1])
+        out.append(torch.stack(rows))
+    return out
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize("mode", ["tokens", "mean", "last"])
+def test_streaming_one_batch_equals_pairwise_linear_cka(debiased: bool, mode: str) -> None:
+    states, mask = _batch([6, 6, 9, 4], batch=8, tokens=12, seed=16)
+    acc = StreamingCKA(4, CKAConfig(tokens=mode, debiased=debiased, max_tokens=None))  # type: ignore[arg-type]
+    acc.update(states, mask)
+    cka = acc.compute()
+    examples = _expected_examples(states, mask, mode)
+    expected = torch.tensor(
+        [[linear_cka(a, b, debiased=debiased) for b in examples] for a in examples], dtype=F64
+    )
+    torch.testing.assert_close(cka, expected, rtol=1e-9, atol=1e-12)
+    assert torch.equal(cka, cka.T)
+    assert torch.equal(cka.diagonal(), torch.ones(4, dtype=F64))
+    assert acc.num_updates == 1 and acc.num_examples == examples[0].shape[0]
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_streaming_two_dim_states(debiased: bool) -> None:
+    states, _ = _batch([5, 7, 3], batch=16, tokens=1, seed=17)
+    flat = [s[:, 0] for s in states]
+    acc = StreamingCKA(3, CKAConfig(debiased=debiased))
+    acc.update(flat)
+    expected = linear_cka(flat[0], flat[1], debiased=debiased)
+    assert float(acc.compute()[0, 1]) == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_minibatch_over_batches_is_mean_hsic_ratio(debiased: bool) -> None:
+    batches = [_batch([5, 5, 8], batch=4, tokens=6 + b, seed=20 + b) for b in range(3)]
+    acc = StreamingCKA(3, CKAConfig(debiased=debiased, max_tokens=None))
+    for states, mask in batches:
+        acc.update(states, mask)
+    hsic = torch.zeros(3, 3, dtype=F64)
+    for states, mask in batches:
+        ex = [s[mask] for s in states]
+        hsic += torch.tensor([[linear_hsic(a, b, debiased=debiased) for b in ex] for a in ex], dtype=F64)
+    hsic /= len(batches)
+    expected = hsic / torch.sqrt(torch.outer(hsic.diagonal(), hsic.diagonal()))
+    torch.testing.assert_close(acc.compute(), expected, rtol=1e-9, atol=1e-12)
+    assert acc.num_updates == 3
+    assert acc.num_examples == sum(int(m.sum()) for _, m in batches)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_per_sample_is_mean_of_per_sample_linear_cka(debiased: bool) -> None:
+    batches = [_batch([5, 6, 4], batch=3, tokens=9, seed=30 + b) for b in range(2)]
+    acc = StreamingCKA(3, CKAConfig(estimator="per_sample", debiased=debiased, max_tokens=None))
+    total = torch.zeros(3, 3, dtype=F64)
+    count = 0
+    for states, mask in batches:
+        acc.update(states, mask)
+        for b in range(mask.shape[0]):
+            ex = [s[b][mask[b]] for s in states]
+            total += torch.tensor([[linear_cka(x, y, debiased=debiased) for y in ex] for x in ex], dtype=F64)
+            count += 1
+    torch.testing.assert_close(acc.compute(), total / count, rtol=1e-9, atol=1e-12)
+    assert acc.num_updates == count == 6
+
+
+@pytest.mark.parametrize(
+    ("config", "garbage"),
+    [
+        (CKAConfig(tokens="tokens", max_tokens=None), float("nan")),
+        (CKAConfig(tokens="mean"), float("inf")),
+        (CKAConfig(tokens="mean", debiased=True), 1e30),
+        (CKAConfig(tokens="last"), float("nan")),
+        (CKAConfig(estimator="per_sample", max_tokens=None), 1e30),
+        (CKAConfig(tokens="tokens", max_tokens=8), float("nan")),
+    ],
+)
+def test_padding_never_counts(config: CKAConfig, garbage: float) -> None:
+    states, mask = _batch([6, 6, 6], batch=6, tokens=10, seed=40, lengths=[10, 7, 3, 9, 5, 8])
+    dirty = [s.masked_fill(~mask[..., None], garbage) for s in states]
+    clean, noisy = StreamingCKA(3, config), StreamingCKA(3, config)
+    clean.update([s.masked_fill(~mask[..., None], 0.0) for s in states], mask)
+    noisy.update(dirty, mask)
+    assert torch.isfinite(noisy.compute()).all()
+    torch.testing.assert_close(noisy.compute(), clean.compute(), rtol=1e-12, atol=1e-12)
+
+
+def test_subsampling_is_seeded() -> None:
+    batches = [_batch([6, 6, 6], batch=4, tokens=20, seed=50 + b) for b in range(3)]
+
+    def run(seed: int) -> torch.Tensor:
+        acc = StreamingCKA(3, CKAConfig(max_tokens=16, seed=seed))
+        for states, mask in batches:
+            acc.update(states, mask)
+        assert acc.num_examples == 3 * 16
+        return acc.compute()
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.allclose(run(0), run(1), rtol=0, atol=1e-6)
+
+
+def test_constant_state_gives_nan_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+    states, mask = _batch([5, 5, 5], batch=4, tokens=6, seed=60)
+    states[1] = torch.full_like(states[1], 0.7)
+    acc = StreamingCKA(3, CKAConfig(max_tokens=None))
+    acc.update(states, mask)
+    with caplog.at_level(logging.WARNING, logger="vlaprune.cka"):
+        cka = acc.compute()
+    assert "states [1]" in caplog.text
+    assert cka[1].isnan().all() and cka[:, 1].isnan().all()
+    assert cka[0, 2] == cka[2, 0] and cka[0, 0] == cka[2, 2] == 1.0
+
+
+def test_streaming_input_errors() -> None:
+    states, mask = _batch([4, 4, 4], batch=5, tokens=4, seed=70)
+    acc = StreamingCKA(3, CKAConfig(tokens="mean", debiased=True))
+    with pytest.raises(ValueError, match="expected 3 states"):
+        acc.update(states[:2], mask)
+    with pytest.raises(ValueError, match=r"states\[2\] has shape"):
+        acc.update([states[0], states[1], states[2][:4]], mask)
+    with pytest.raises(ValueError, match="same batch size"):
+        acc.update([states[0][:, 0], states[1][:, 0], states[2][:3, 0]])
+    with pytest.raises(ValueError, match="at least 4 examples, got n=3"):
+        acc.update([s[:3] for s in states], mask[:3])
+    with pytest.raises(ValueError, match="before any update"):
+        acc.compute()
+    with pytest.raises(ValueError, match="needs \\(batch, tokens, hidden\\)"):
+        StreamingCKA(3, PRESETS["paper"]).update([s[:, 0] for s in states])
+
+
+# ------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"estimator": "full"}, "estimator='full' is unknown; choose one of minibatch, per_sample"),
+        ({"tokens": "cls"}, "tokens='cls' is unknown; choose one of tokens, mean, last"),
+        ({"max_tokens": 3}, "max_tokens=3 must be an int >= 4"),
+        ({"estimator": "per_sample", "tokens": "mean"}, "tokens must be 'tokens'"),
+        ({"debiased": "yes"}, "debiased='yes'"),
+    ],
+)
+def test_config_validation(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field.replace("(", r"\(")):
+        CKAConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_presets() -> None:
+    assert CKAConfig.preset("default") == CKAConfig() == PRESETS["default"]
+    paper = CKAConfig.preset("paper")
+    fields = (paper.estimator, paper.tokens, paper.max_tokens, paper.debiased)
+    assert fields == ("per_sample", "tokens", None, False)
+    assert CKAConfig.preset("default", debiased=True, tokens="last").debiased is True
+    with pytest.raises(ValueError, match="presets: default, paper"):
+        CKAConfig.preset("fast")
+    with pytest.raises(ValueError, match="unknown CKAConfig field"):
+        CKAConfig.preset("default", max_token=5)
+    with pytest.raises(ValueError, match="tokens must be 'tokens'"):
+        CKAConfig.preset("paper", tokens="mean")
+
+
+# ------------------------------------------------------------------------------ merge / state dict
+@pytest.mark.parametrize("config", [CKAConfig(max_tokens=None), CKAConfig(debiased=True, max_tokens=None),
+                                    CKAConfig.preset("paper")])
+def test_merge_equals_single_accumulator(config: CKAConfig) -> None:
+    batches = [_batch([5, 7, 5], batch=3, tokens=8, seed=80 + b) for b in range(4)]
+    whole, first, second = StreamingCKA(3, config), StreamingCKA(3, config), StreamingCKA(3, config)
+    for i, (states, mask) in enumerate(batches):
+        whole.update(states, mask)
+        (first if i < 2 else second).update(states, mask)
+    first.merge(second)
+    torch.testing.assert_close(first.compute(), whole.compute(), rtol=1e-12, atol=1e-13)
+    assert (first.num_updates, first.num_examples) == (whole.num_updates, whole.num_examples)
+    with pytest.raises(ValueError, match="different estimators"):
+        first.merge(StreamingCKA(3, CKAConfig(estimator="per_sample")))
+    with pytest.raises(ValueError, match="cannot merge"):
+        first.merge(StreamingCKA(4, config))
+
+
+def test_state_dict_round_trip_resumes_exactly() -> None:
+    config = CKAConfig(max_tokens=12, debiased=True)  # subsampling: the generator state must travel too
+    batches = [_batch([4, 6], batch=3, tokens=10, seed=90 + b) for b in range(3)]
+    ref, part = StreamingCKA(2, config), StreamingCKA(2, config)
+    for states, mask in batches:
+        ref.update(states, mask)
+    for states, mask in batches[:2]:
+        part.update(states, mask)
+    resumed = StreamingCKA(2, config)
+    resumed.load_state_dict(part.state_dict())
+    resumed.update(*batches[2])
+    assert torch.equal(resumed.compute(), ref.compute())
+    assert resumed.num_examples == ref.num_examples
+    with pytest.raises(ValueError, match="same CKAConfig"):
+        StreamingCKA(2, CKAConfig()).load_state_dict(part.state_dict())
+    with pytest.raises(ValueError, match="same num_states"):
+        StreamingCKA(3, config).load_state_dict(part.state_dict())
+
+
+def test_memory_is_flat() -> None:
+    def tensor_bytes(acc: StreamingCKA) -> int:
+        tensors = [v for v in acc.state_dict().values() if isinstance(v, torch.Tensor)]
+        return sum(v.numel() * v.element_size() for v in tensors)
+
+    for config in (CKAConfig(max_tokens=8), CKAConfig.preset("paper")):
+        acc = StreamingCKA(3, config)
+        acc.update(*_batch([4, 4, 4], batch=2, tokens=6, seed=100))
+        size = tensor_bytes(acc)
+        for b in range(30):
+            acc.update(*_batch([4, 4, 4], batch=2, tokens=6, seed=101 + b))
+        assert tensor_bytes(acc) == size
