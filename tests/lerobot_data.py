@@ -29,7 +29,8 @@ def make_dataset(root: Path, *, repo_id: str = "local/calib", episodes: int = 3,
             frame = {"task": ["open the drawer", "pick up the cube", "push the button"][ep % 3]}
             if "observation.images.top" in features:
                 frame["observation.images.top"] = rng.integers(0, 256, (image_hw, image_hw, 3), dtype=np.uint8)
-            frame["observation.state"] = state
+            if "observation.state" in features:
+                frame["observation.state"] = state
             if "action" in features:
                 frame["action"] = action
             ds.add_frame(frame)

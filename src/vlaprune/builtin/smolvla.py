@@ -52,13 +52,13 @@ _MODEL_TOKENS = {
 _SPECIAL = [_UNK, _BOS, _EOS, _PAD, "<fake_token_around_image>", "<image>", "<global-img>", "<video>"]
 # Lowercase words of robot task instructions (covers every MetaWorld task description), digits and
 # punctuation. Anything else maps to the unknown token.
-_WORDS = """
+_WORD_TEXT = """
 a an the and or of to into onto on off in out up down from with by using at under over above below
 behind front left right top bottom side middle center near far next between inside outside around
 back forward sideways clockwise counterclockwise degrees slowly quickly gently then while until
 pick place put push pull press open close turn rotate rotating revolving slide lift drop grasp grab
 hold release move reach stack insert remove take get kick dunk sweep unplug plug lock unlock stir
-pour wipe fold hang fill empty flip set bring go stop
+pour wipe fold hang fill empty flip set bring go stop bypass cover uncover
 cube block box ball basketball soccer puck peg nut screw hole bin basket cup mug bottle can plate
 bowl spoon fork knife pan pot lid drawer door window cabinet shelf table counter wall goal handle
 lever button dial faucet tap hammer stick coffee machine gripper joint position towel cloth sponge
@@ -66,7 +66,7 @@ book pen marker toy apple banana orange lemon carrot bread fridge microwave oven
 red green blue yellow black white orange purple pink brown gray small big large long short tall
 first second third last one two three another other this that it its all both each
 is are be please can you robot arm task
-""".split()
+"""
 _DIGITS = list("0123456789")
 _PUNCT = list(".,;:!?'\"-()/")
 
@@ -115,14 +115,12 @@ def build(size: Size, *, seed: int = 0) -> BuiltPolicy:
     Deterministic for a given ``seed``; the global torch RNG state is left as it was. Only the
     generated SmolVLM directory is cached (on disk); weights are always freshly seeded.
     """
-    if size not in _SIZES:
-        raise ValueError(f"unknown SmolVLA size {size!r}; choose one of {', '.join(_SIZES)}")
+    spec = _size_spec(size)
     from lerobot.configs import FeatureType, PolicyFeature
     from lerobot.policies.factory import make_pre_post_processors
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-    spec = _SIZES[size]
     vlm_dir = smolvlm_dir(size)
     image_size = spec["vision"]["image_size"]
     hw = spec["raw_image_hw"]
@@ -166,7 +164,7 @@ def smolvlm_dir(size: Size) -> Path:
     """
     import transformers
 
-    spec = _SIZES[size]
+    spec = _size_spec(size)
     payload = {
         "format": _FORMAT_VERSION, "transformers": transformers.__version__, "text": spec["text"],
         "vision": spec["vision"], "scale_factor": spec["scale_factor"], "vocab": _vocabulary(),
@@ -181,21 +179,27 @@ def smolvlm_dir(size: Size) -> Path:
         try:
             os.rename(tmp, final)
             logger.info("generated SmolVLM directory %s", final)
-        except OSError:
-            if not (final / "config.json").is_file():  # lost a race only if the winner is complete
-                raise
+        except OSError as err:  # another builder won the race: fine if its copy is complete
+            if not (final / "config.json").is_file():
+                raise RuntimeError(f"{final} exists but is incomplete; delete it and retry") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
+def _size_spec(size: str) -> dict[str, Any]:
+    if size not in _SIZES:
+        raise ValueError(f"unknown SmolVLA size {size!r}; choose one of {', '.join(_SIZES)}")
+    return _SIZES[size]
+
+
 def _vocabulary() -> list[str]:
     """Token strings in id order: special tokens first, then words, digits and punctuation."""
-    seen: dict[str, None] = dict.fromkeys(_SPECIAL + _WORDS + _DIGITS + _PUNCT)
+    seen: dict[str, None] = dict.fromkeys(_SPECIAL + _WORD_TEXT.split() + _DIGITS + _PUNCT)
     return list(seen)
 
 
-def _make_tokenizer() -> Any:
+def _make_tokenizer(max_length: int) -> Any:
     """A word-level ``PreTrainedTokenizerFast`` over :func:`_vocabulary` with SmolVLM's special tokens.
 
     The image tokens are passed as named model tokens, so the tokenizer exposes
@@ -214,13 +218,8 @@ def _make_tokenizer() -> Any:
     backend.add_special_tokens(_SPECIAL)  # matched before normalisation, never split
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token=_UNK, bos_token=_BOS, eos_token=_EOS, pad_token=_PAD,
-        model_max_length=spec_max_positions(), **_MODEL_TOKENS,
+        model_max_length=max_length, **_MODEL_TOKENS,
     )
-
-
-def spec_max_positions() -> int:
-    """Tokenizer ``model_max_length``: the smallest text context among the sizes."""
-    return min(s["text"]["max_position_embeddings"] for s in _SIZES.values())
 
 
 def _write_smolvlm(path: Path, spec: dict[str, Any]) -> None:
@@ -228,27 +227,27 @@ def _write_smolvlm(path: Path, spec: dict[str, Any]) -> None:
     from transformers import SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor
     from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 
-    tokenizer = _make_tokenizer()
-    if len(tokenizer) > spec["text"]["vocab_size"]:
-        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {spec['text']['vocab_size']}")
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (("bos", _BOS), ("eos", _EOS), ("pad", _PAD))}
-    text = {**spec["text"], "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
-    config = SmolVLMConfig(
-        text_config=text, vision_config=dict(spec["vision"]), scale_factor=spec["scale_factor"],
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=ids["pad"],
-    )
+    tokenizer = _make_tokenizer(spec["text"]["max_position_embeddings"])
+    assert len(tokenizer) <= spec["text"]["vocab_size"], "the vocabulary must fit the embedding table"
+    bos, eos, pad = tokenizer.convert_tokens_to_ids([_BOS, _EOS, _PAD])
+    text = {**spec["text"], "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
+    # Passed as a dict: mypy misreads huggingface_hub's @strict config dataclasses.
+    config_kwargs: dict[str, Any] = {
+        "text_config": text, "vision_config": dict(spec["vision"]), "scale_factor": spec["scale_factor"],
+        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"), "pad_token_id": pad,
+    }
+    config = SmolVLMConfig(**config_kwargs)
     config.save_pretrained(path)
     image_size = spec["vision"]["image_size"]
     # One image of image_size px, no tiling: what SmolVLA feeds the vision tower itself.
-    image_kwargs = {
-        "do_resize": True, "size": {"longest_edge": image_size}, "max_image_size": {"longest_edge": image_size},
-        "do_image_splitting": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-    }
+    edge = {"longest_edge": image_size}
+    media_kwargs = {"do_resize": True, "size": edge, "max_image_size": edge, "image_mean": [0.5] * 3,
+                    "image_std": [0.5] * 3}
     n_patches = (image_size // spec["vision"]["patch_size"]) ** 2
     processor = SmolVLMProcessor(
-        image_processor=SmolVLMImageProcessor(**image_kwargs),
+        image_processor=SmolVLMImageProcessor(do_image_splitting=False, **media_kwargs),
         tokenizer=tokenizer,
-        video_processor=SmolVLMVideoProcessor(**{k: v for k, v in image_kwargs.items() if k != "do_image_splitting"}),
+        video_processor=SmolVLMVideoProcessor(**media_kwargs),
         image_seq_len=n_patches // spec["scale_factor"] ** 2,
     )
     processor.save_pretrained(path)
