@@ -19,8 +19,12 @@ def plot_cka_heatmap(stack: StackAnalysis, title: str, path: Path) -> None:
 
     matrix = np.array(stack.cka, dtype=float)
     n = matrix.shape[0]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.32 * n, 1.0 + 0.3 * n), dpi=120)
-    image = ax.imshow(matrix, cmap="magma", vmin=0.0, vmax=1.0, origin="upper")
+    side = max(5.0, 1.5 + 0.3 * n)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side), dpi=120)
+    finite = matrix[np.isfinite(matrix)]
+    # scale to the data: in deep stacks every CKA can sit above 0.9, and a 0-1 scale hides the structure
+    vmin = float(np.floor(finite.min() * 100) / 100) if finite.size else 0.0
+    image = ax.imshow(matrix, cmap="magma", vmin=min(vmin, 0.99), vmax=1.0, origin="upper")
     ticks = list(range(n))
     ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
     ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=7)
@@ -51,8 +55,8 @@ def adjacent_table(analysis: Analysis, top: int = 5) -> str:
     for name, stack in analysis.stacks.items():
         ranked = sorted(stack.adjacent(), key=lambda item: -item[1])[:top]
         lines.append(f"{name} ({stack.num_layers} blocks): most similar input/output")
-        lines.append(f"  {'block':>5}  {'CKA(in, out)':>12}")
-        lines.extend(f"  {block:>5}  {value:>12.4f}" for block, value in ranked)
+        lines.append(f"  {'block':>5}  {'CKA(in, out)':>12}  {'1 - CKA':>9}")
+        lines.extend(f"  {block:>5}  {value:>12.6f}  {1 - value:>9.2e}" for block, value in ranked)
     return "\n".join(lines)
 
 

@@ -68,6 +68,22 @@ def perturb_parameters(module: nn.Module, *, seed: int, scale: float = 0.02) -> 
         param.add_(noise.to(param.dtype))
 
 
+@torch.no_grad()
+def spread_linear_weights(module: nn.Module, *, seed: int) -> None:
+    """Redraw every ``nn.Linear`` weight from N(0, 1/fan_in) (LeCun normal), seeded.
+
+    Transformer inits (std 0.02) leave a tiny model's blocks adding almost nothing to a residual
+    stream scaled up by sqrt(width) embeddings: every block would look redundant (CKA ≈ 1) and
+    equivalence tests could not tell a kept block from a skipped one. Unit-gain weights make each
+    block change the stream, so analysis and surgery tests mean something.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for _, sub in sorted(module.named_modules(), key=lambda kv: kv[0]):
+        if isinstance(sub, nn.Linear):
+            fan_in = sub.weight.shape[1]
+            sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) / fan_in**0.5)
+
+
 def synthetic_dataset_stats(features: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
     """Normalisation statistics for synthetic data: images in [0, 1], state/action standard normal."""
     stats: dict[str, dict[str, torch.Tensor]] = {}

@@ -31,6 +31,7 @@ from .common import (
     BuiltPolicy,
     content_dir,
     perturb_parameters,
+    spread_linear_weights,
     synthetic_dataset_stats,
 )
 
@@ -146,6 +147,7 @@ def build(size: Size, *, seed: int = 0) -> BuiltPolicy:
         policy = SmolVLAPolicy(config)
     policy.to(device="cpu", dtype=torch.float32)
     if size == "tiny":
+        spread_linear_weights(policy, seed=seed)
         perturb_parameters(policy, seed=seed)
     policy.eval()
     features = {**config.input_features, **config.output_features}

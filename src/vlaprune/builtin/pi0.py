@@ -1,0 +1,305 @@
+"""Built-in pi0 and pi0.5 policies (``tiny:pi0``, ``tiny:pi05``, ``real:pi0``, ``real:pi05``), built offline.
+
+LeRobot's pi0/pi0.5 hard-code their backbone shapes in code, not in the config: the Gemma widths and
+depths come from the module-level ``get_gemma_config(variant)``, and ``PaliGemmaWithExpertModel``
+fixes a SigLIP-So400m vision tower, a 2048-d projector and a 257152-token vocabulary. ``real`` keeps
+all of that (random weights, the stock architecture). ``tiny`` builds the same classes through
+:func:`tiny_architecture`, which swaps three module globals of ``modeling_pi0`` / ``modeling_pi05``
+while the policy is constructed and restores them afterwards:
+
+* ``get_gemma_config`` returns small Gemma stacks (8 layers each, 8 heads: the joint attention
+  reshape hard-codes 8 heads, and both stacks must share heads/head_dim/KV heads);
+* ``PaliGemmaForConditionalGenerationWithPiGemma`` and ``PiGemmaForCausalLM`` are wrapped so that the
+  HF config LeRobot just filled in is shrunk *before* any module is allocated (small SigLIP, projector
+  to the VLM width, vocabulary = our tokenizer's size). Modules are therefore built from their final
+  configs, and ``forward``, ``select_action``, ``state_dict`` and the stored HF configs agree.
+
+The processors are LeRobot's stock ones; their factory hard-codes the gated
+``google/paligemma-3b-pt-224`` tokenizer, so the factory runs with ``TokenizerProcessorStep`` pointed
+at a word-level tokenizer generated into the cache (PaliGemma's special-token ids, BOS prepended).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+import torch
+
+from .common import (
+    ACTION_DIM,
+    ACTION_KEY,
+    CAMERA_KEY,
+    STATE_DIM,
+    STATE_KEY,
+    BuiltPolicy,
+    content_dir,
+    perturb_parameters,
+    synthetic_dataset_stats,
+)
+from .smolvla import _WORD_TEXT  # the shared robot-instruction word list
+
+logger = logging.getLogger(__name__)
+
+Variant = Literal["pi0", "pi05"]
+Size = Literal["tiny", "real"]
+VARIANTS: tuple[str, ...] = ("pi0", "pi05")
+SIZES: tuple[str, ...] = ("tiny", "real")
+
+# Bump when the generated tokenizer directory's layout changes, so old caches are not reused.
+_FORMAT_VERSION = 1
+
+# PaliGemma (Gemma) special tokens, at Gemma's ids 0..3; "\n" ends pi0's prompt (Pi0NewLineProcessor)
+# and separates pi0.5's "State: ...;\nAction:", so it is a token of its own as in Gemma.
+_PAD, _EOS, _BOS, _UNK, _NEWLINE = "<pad>", "<eos>", "<bos>", "<unk>", "\n"
+_SPECIAL = [_PAD, _EOS, _BOS, _UNK]
+# pi0.5 prompt words ("Task: ..., State: 12 200 ...;\nAction: "), digits one by one (as Gemma splits
+# them), punctuation one by one.
+_EXTRA_WORDS = ["task", "state", "action"]
+_DIGITS = list("0123456789")
+_PUNCT = list(".,;:!?'\"-()/")
+
+# Tiny Gemma stacks, keyed by the stock variant names (PI0Config accepts only those). Heads, KV heads
+# and head_dim are shared: attention is joint over both stacks. 8 x 8 = 64 = VLM width (like
+# gemma_2b's 8 x 256 = 2048) and twice the expert width (like gemma_300m's 2048 vs 1024).
+_TINY_GEMMA: dict[str, dict[str, int]] = {
+    "gemma_2b": {"width": 64, "depth": 8, "mlp_dim": 128, "num_heads": 8, "num_kv_heads": 1, "head_dim": 8},
+    "gemma_300m": {"width": 32, "depth": 8, "mlp_dim": 64, "num_heads": 8, "num_kv_heads": 1, "head_dim": 8},
+}
+# Tiny SigLIP: 64 px images in 16 px patches = 16 image tokens per camera.
+_TINY_IMAGE_SIZE = 64
+_TINY_VISION = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "patch_size": 16,
+}
+
+_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "raw_image_hw": 96,
+        "policy": {"image_resolution": (_TINY_IMAGE_SIZE, _TINY_IMAGE_SIZE), "chunk_size": 10,
+                   "n_action_steps": 10, "num_inference_steps": 4},
+        # pi0.5 puts the discretised state in the prompt: ~30 tokens for 6 state values.
+        "tokenizer_max_length": {"pi0": 16, "pi05": 48},
+    },
+    "real": {
+        "raw_image_hw": 224,
+        "policy": {},  # stock: 224 px, chunk 50, 10 denoising steps
+        "tokenizer_max_length": {"pi0": 48, "pi05": 200},
+    },
+}
+
+
+def build(variant: Variant, size: Size, *, seed: int = 0) -> BuiltPolicy:
+    """Build ``<size>:<variant>``: a ``PI0Policy``/``PI05Policy`` (eval, float32, CPU) and its processors.
+
+    Deterministic for a given ``seed``; the global torch RNG state is left as it was. ``tiny`` weights
+    are perturbed away from their init values; ``real`` (~3.3B parameters, ~13 GB) keeps the init.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown pi variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if size not in _SIZES:
+        raise ValueError(f"unknown pi0 size {size!r}; choose one of {', '.join(SIZES)}")
+    from lerobot.configs import FeatureType, PolicyFeature
+    from lerobot.policies.factory import make_pre_post_processors
+
+    spec = _SIZES[size]
+    config_cls, policy_cls = _lerobot_classes(variant)
+    hw = spec["raw_image_hw"]
+    config = config_cls(
+        paligemma_variant="gemma_2b",
+        action_expert_variant="gemma_300m",
+        dtype="float32",
+        device="cpu",
+        push_to_hub=False,
+        tokenizer_max_length=spec["tokenizer_max_length"][variant],
+        input_features={
+            CAMERA_KEY: PolicyFeature(type=FeatureType.VISUAL, shape=(3, hw, hw)),
+            STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,)),
+        },
+        output_features={ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
+        **spec["policy"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if size == "tiny":
+            with tiny_architecture(variant):
+                policy = policy_cls(config)
+        else:
+            policy = policy_cls(config)
+    policy.to(device="cpu", dtype=torch.float32)
+    if size == "tiny":
+        perturb_parameters(policy, seed=seed)
+    policy.eval()
+
+    features = {**config.input_features, **config.output_features}
+    tokenizer_dir = paligemma_tokenizer_dir(size)
+    processor_module = importlib.import_module(f"lerobot.policies.{variant}.processor_{variant}")
+    stock_step = processor_module.TokenizerProcessorStep
+
+    def local_tokenizer_step(**kwargs: Any) -> Any:
+        # The factory passes the hub name "google/paligemma-3b-pt-224"; keep every other argument.
+        return stock_step(**{**kwargs, "tokenizer_name": str(tokenizer_dir)})
+
+    with _patched(processor_module, TokenizerProcessorStep=local_tokenizer_step):
+        preprocessor, postprocessor = make_pre_post_processors(
+            config, dataset_stats=synthetic_dataset_stats(features)
+        )
+    return BuiltPolicy(spec=f"{size}:{variant}", policy=policy, preprocessor=preprocessor,
+                       postprocessor=postprocessor)
+
+
+@contextmanager
+def tiny_architecture(variant: Variant) -> Iterator[None]:
+    """While active, ``PI0Policy``/``PI05Policy`` construct the tiny architecture (see module docstring).
+
+    Needed for every construction of a tiny policy, including ``from_pretrained`` of a saved one.
+    The originals are restored on exit, even on error. Not thread-safe: it swaps module globals, so
+    no other thread may build a pi0/pi0.5 of the same variant meanwhile.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown pi variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    modeling = importlib.import_module(f"lerobot.policies.{variant}.modeling_{variant}")
+    gemma_config_cls = modeling.GemmaConfig  # LeRobot's openpi-style (width, depth, ...) record
+
+    def get_tiny_gemma_config(name: str) -> Any:
+        if name not in _TINY_GEMMA:
+            raise ValueError(f"Unknown variant: {name}")
+        return gemma_config_cls(**_TINY_GEMMA[name])
+
+    with _patched(
+        modeling,
+        get_gemma_config=get_tiny_gemma_config,
+        PaliGemmaForConditionalGenerationWithPiGemma=_shrink_before(
+            modeling.PaliGemmaForConditionalGenerationWithPiGemma, _shrink_paligemma_config
+        ),
+        PiGemmaForCausalLM=_shrink_before(modeling.PiGemmaForCausalLM, _shrink_expert_config),
+    ):
+        yield
+
+
+def paligemma_tokenizer_dir(size: Size) -> Path:
+    """The generated PaliGemma-style tokenizer directory for ``size``, created on first use.
+
+    Written to a temporary sibling and renamed into place, so a crash never leaves a partial
+    directory under the final name and concurrent builders agree on one copy.
+    """
+    import tokenizers
+    import transformers
+
+    max_length = max(_SIZES[size]["tokenizer_max_length"].values())
+    payload = {"format": _FORMAT_VERSION, "transformers": transformers.__version__,
+               "tokenizers": tokenizers.__version__, "vocab": vocabulary(), "max_length": max_length}
+    final = content_dir(f"paligemma-tokenizer-{size}", payload)
+    if (final / "tokenizer.json").is_file():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        _make_tokenizer(max_length).save_pretrained(tmp)
+        try:
+            os.rename(tmp, final)
+            logger.info("generated PaliGemma tokenizer directory %s", final)
+        except OSError as err:  # another builder won the race: fine if its copy is complete
+            if not (final / "tokenizer.json").is_file():
+                raise RuntimeError(f"{final} exists but is incomplete; delete it and retry") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def vocabulary() -> list[str]:
+    """Token strings in id order: PaliGemma's special tokens, newline, words, digits, punctuation.
+
+    Its length is the tiny model's vocabulary size (embedding rows = tokenizer size).
+    """
+    words = _WORD_TEXT.split() + _EXTRA_WORDS
+    return list(dict.fromkeys([*_SPECIAL, _NEWLINE, *words, *_DIGITS, *_PUNCT]))
+
+
+def _make_tokenizer(max_length: int) -> Any:
+    """A word-level ``PreTrainedTokenizerFast`` over :func:`vocabulary` that prepends BOS like PaliGemma's."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(vocabulary())}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=_UNK))
+    backend.normalizer = normalizers.Lowercase()
+    # Whitespace-separated words; every punctuation mark and digit its own token.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    backend.add_special_tokens(_SPECIAL)
+    # Matched on the raw text before pre-tokenisation (which would drop it as whitespace).
+    backend.add_tokens([AddedToken(_NEWLINE, normalized=False, special=False)])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{_BOS} $A", pair=f"{_BOS} $A $B", special_tokens=[(_BOS, vocab[_BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=_PAD, eos_token=_EOS, bos_token=_BOS, unk_token=_UNK,
+        model_max_length=max_length,
+    )
+
+
+def _shrink_paligemma_config(config: Any) -> None:
+    """Shrink the ``PaliGemmaConfig`` filled in by LeRobot: tiny SigLIP, projector and vocabulary.
+
+    The language-model shapes already come from the tiny ``get_gemma_config``; ``image_size`` from
+    ``config.image_resolution``.
+    """
+    vision = config.vision_config
+    for key, value in _TINY_VISION.items():
+        setattr(vision, key, value)
+    if vision.image_size % vision.patch_size:
+        raise ValueError(f"image size {vision.image_size} is not a multiple of patch {vision.patch_size}")
+    width = config.text_config.hidden_size
+    config.projection_dim = vision.projection_dim = width  # projector: (vision hidden) -> (VLM width)
+    config.hidden_size = width
+    config.text_config.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
+    vocab_size = len(vocabulary())
+    config.vocab_size = config.text_config.vocab_size = vocab_size
+    config.image_token_index = vocab_size  # as stock: one past the text vocabulary, never embedded
+
+
+def _shrink_expert_config(config: Any) -> None:
+    """Shrink the expert's ``GemmaConfig`` vocabulary (its unused ``lm_head`` is sized by it)."""
+    config.vocab_size = len(vocabulary())
+
+
+def _shrink_before(cls: type, shrink: Callable[[Any], None]) -> Callable[..., Any]:
+    """A stand-in for ``cls(config=...)`` that edits the config in place, then builds ``cls``."""
+
+    def construct(config: Any, **kwargs: Any) -> Any:
+        shrink(config)
+        return cls(config, **kwargs)
+
+    return construct
+
+
+@contextmanager
+def _patched(module: ModuleType, **replacements: Any) -> Iterator[None]:
+    """Set module attributes for the duration of the block; always restore the originals."""
+    originals = {name: getattr(module, name) for name in replacements}
+    try:
+        for name, value in replacements.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(module, name, value)
+
+
+def _lerobot_classes(variant: str) -> tuple[Any, Any]:
+    """LeRobot's ``(PI0Config, PI0Policy)`` or ``(PI05Config, PI05Policy)``."""
+    prefix = variant.upper()
+    config_module = importlib.import_module(f"lerobot.policies.{variant}.configuration_{variant}")
+    modeling = importlib.import_module(f"lerobot.policies.{variant}.modeling_{variant}")
+    return getattr(config_module, f"{prefix}Config"), getattr(modeling, f"{prefix}Policy")
