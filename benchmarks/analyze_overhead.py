@@ -28,12 +28,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vlaprune.analyze import compute_stack_cka  # noqa: E402
-from vlaprune.calibration import CalibrationConfig, synthetic_batches  # noqa: E402
-from vlaprune.capture import CaptureConfig  # noqa: E402
-from vlaprune.cka import CKAConfig  # noqa: E402
-from vlaprune.families import family_for  # noqa: E402
-from vlaprune.policies import load_policy  # noqa: E402
+from vlaprune.analyze import compute_stack_cka
+from vlaprune.calibration import CalibrationConfig, synthetic_batches
+from vlaprune.capture import CaptureConfig
+from vlaprune.cka import CKAConfig
+from vlaprune.families import family_for
+from vlaprune.policies import load_policy
 
 
 def batches_for(bundle: Any, samples: int, batch_size: int) -> list[dict[str, Any]]:
@@ -119,14 +119,15 @@ def main() -> None:
         ).stdout.strip().splitlines()[-1]
         memory.append(json.loads(out))
 
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
     print(f"\n{args.policy}: {params / 1e6:.0f}M parameters, built in {build_s:.1f} s; {machine}")
     print(f"{args.samples} synthetic calibration samples, batch {args.batch_size}, "
           f"expert at t={list(capture.timesteps)}, CKA {cka}")
     print(f"{'run':<28}{'median s':>10}{'all runs (s)':>30}")
-    print(f"{'forward passes only':<28}{statistics.median(plain):>10.2f}{str([round(x, 2) for x in plain]):>30}")
+    print(f"{'forward passes only':<28}{statistics.median(plain):>10.2f}{[round(x, 2) for x in plain]!s:>30}")
     print(f"{'analyze (capture + CKA)':<28}{statistics.median(captured):>10.2f}"
-          f"{str([round(x, 2) for x in captured]):>30}")
+          f"{[round(x, 2) for x in captured]!s:>30}")
     print(f"ratio analyze / forward: {ratio:.3f}  (target <= 1.10)")
     print(f"{'samples':>8}{'peak RSS MB':>14}")
     for row in memory:

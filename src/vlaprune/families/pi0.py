@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .base import Family, PrefixPass, StackSpec, register_family
 
@@ -29,7 +29,7 @@ class PiRunner:
     def __init__(self, state_in_suffix: bool) -> None:
         self.state_in_suffix = state_in_suffix
 
-    def prefix(self, policy: nn.Module, batch: dict[str, Any]) -> PrefixPass:
+    def prefix(self, policy: Any, batch: dict[str, Any]) -> PrefixPass:
         import torch
         from lerobot.policies.common.vla_utils import make_att_2d_masks, prepare_attention_masks_4d
         from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
@@ -55,7 +55,7 @@ class PiRunner:
         extra = {"state": policy.prepare_state(batch)} if self.state_in_suffix else {}
         return PrefixPass(pad_mask=pad_mask, cache=cache, actions=actions, extra=extra)
 
-    def expert(self, policy: nn.Module, prefix: PrefixPass, x_t: Tensor, t: Tensor) -> Tensor:
+    def expert(self, policy: Any, prefix: PrefixPass, x_t: Tensor, t: Tensor) -> Tensor:
         kwargs = {"state": prefix.extra["state"]} if self.state_in_suffix else {}
         # denoise_step clones the cache, so the prefix cache is reused unchanged across timesteps
         return policy.model.denoise_step(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .base import Family, PrefixPass, RoleRule, StackSpec, register_family
 
@@ -21,7 +21,7 @@ _EXPERT = "model.vlm_with_expert.lm_expert"
 class SmolVLARunner:
     """Prefix through the VLM with a KV cache, then ``denoise_step`` per flow timestep."""
 
-    def prefix(self, policy: nn.Module, batch: dict[str, Any]) -> PrefixPass:
+    def prefix(self, policy: Any, batch: dict[str, Any]) -> PrefixPass:
         import torch
         from lerobot.policies.common.vla_utils import make_att_2d_masks
         from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
@@ -49,7 +49,7 @@ class SmolVLARunner:
         )
         return PrefixPass(pad_mask=pad_mask, cache=cache, actions=actions)
 
-    def expert(self, policy: nn.Module, prefix: PrefixPass, x_t: Tensor, t: Tensor) -> Tensor:
+    def expert(self, policy: Any, prefix: PrefixPass, x_t: Tensor, t: Tensor) -> Tensor:
         # (batch, chunk, max_action_dim) velocity; denoise_step crops the cache back to the prefix
         return policy.model.denoise_step(
             prefix_pad_masks=prefix.pad_mask, past_key_values=prefix.cache, x_t=x_t, timestep=t
