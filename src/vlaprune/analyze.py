@@ -96,21 +96,31 @@ def compute_stack_cka(
 
     Each pass folds its residual states into one streaming accumulator per stack and drops them,
     so memory does not grow with the number of batches. The expert stacks see one update per flow
-    timestep per batch.
+    timestep per batch. The noise of batch ``i`` is seeded by ``(capture.seed, i)``, so a batch gets
+    the same noise whichever process runs it.
+
+    Under ``torch.distributed`` (e.g. ``torchrun`` or ``accelerate launch``), rank r runs batches
+    r, r + W, ... and the accumulators are summed across ranks before the matrices are computed:
+    the result equals one process running every batch (exactly, when no token subsampling is used).
     """
     family = family or family_for(policy)
     cka = cka or CKAConfig()
     capture = capture or CaptureConfig()
+    rank, world = _rank_and_world()
     depths = family.depths(policy)
     accumulators = {name: StreamingCKA(depth + 1, cka) for name, depth in depths.items()}
-    generator = torch.Generator().manual_seed(capture.seed)
     policy.eval()
-    for batch in batches:
-        for recorded in collect_residuals(policy, family, batch, config=capture, generator=generator):
-            accumulators[recorded.stack].update(recorded.states, recorded.mask)
-            del recorded
+    for index, batch in enumerate(batches):
+        if index % world == rank:
+            generator = torch.Generator().manual_seed(capture.seed * 1_000_003 + index)
+            for recorded in collect_residuals(policy, family, batch, config=capture, generator=generator):
+                accumulators[recorded.stack].update(recorded.states, recorded.mask)
+                del recorded
         if on_batch is not None:
             on_batch(1)
+    if world > 1:
+        for acc in accumulators.values():
+            acc.all_reduce()
     results: dict[str, StackAnalysis] = {}
     for name, acc in accumulators.items():
         matrix = acc.compute().cpu().tolist()
@@ -122,6 +132,14 @@ def compute_stack_cka(
             num_examples=acc.num_examples,
         )
     return results
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def settings_dict(cka: CKAConfig, capture: CaptureConfig) -> dict[str, Any]:
@@ -218,6 +236,7 @@ def run_analyze(cfg: AnalyzeConfig, *, on_batch: Callable[[int], None] | None = 
         capture=cfg.calibration.capture(),
         on_batch=on_batch,
     )
-    write_atomically(out, cfg.overwrite, lambda tmp: write_analysis(analysis, tmp))
-    logger.info("wrote %s", out)
+    if _rank_and_world()[0] == 0:  # under torch.distributed every rank holds the same result
+        write_atomically(out, cfg.overwrite, lambda tmp: write_analysis(analysis, tmp))
+        logger.info("wrote %s", out)
     return analysis

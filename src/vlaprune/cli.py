@@ -7,7 +7,12 @@ entry-point functions that take a config object.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import AnalyzeConfig
 
 COMMANDS = {"analyze": "one calibration pass → per-stack CKA matrices, heatmaps and analysis.json"}
 
@@ -45,12 +50,30 @@ def _analyze(args: list[str]) -> int:
     from .report import adjacent_table
 
     cfg = draccus.parse(config_class=AnalyzeConfig, args=args)
+    rank = _init_distributed(cfg)
     total = len(cfg.calibration.calibration().batch_sizes)
-    with tqdm(total=total, desc="calibration batches", unit="batch", disable=not sys.stderr.isatty()) as bar:
+    quiet = rank != 0 or not sys.stderr.isatty()
+    with tqdm(total=total, desc="calibration batches", unit="batch", disable=quiet) as bar:
         analysis = run_analyze(cfg, on_batch=bar.update)
+    if rank != 0:
+        return 0
     print(adjacent_table(analysis))
     print(f"\nwrote {cfg.out}/analysis.json and {len(analysis.stacks)} heatmap(s) in {analysis.seconds:.1f} s")
     return 0
+
+
+def _init_distributed(cfg: AnalyzeConfig) -> int:
+    """Under ``torchrun`` / ``accelerate launch`` (WORLD_SIZE > 1): join the process group and put
+    each rank on its own GPU; the calibration batches are then split across ranks. Returns the rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cfg.policy.device.startswith("cuda") else "gloo")
+    if cfg.policy.device == "cuda":
+        cfg.policy.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return dist.get_rank()
 
 
 if __name__ == "__main__":
