@@ -197,11 +197,10 @@ class Encoded:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def slice(self, start: int, stop: int) -> dict[str, Tensor]:
-        return {"input_ids": self.input_ids[start:stop], "attention_mask": self.attention_mask[start:stop]}
-
 
 def encode(tokenizer: Any, sentences: Sequence[str]) -> Encoded:
+    if tokenizer.padding_side != "right":
+        raise ValueError(f"expected a right-padding tokenizer, got padding_side={tokenizer.padding_side!r}")
     enc = tokenizer(list(sentences), padding=True, truncation=True, max_length=128, return_tensors="pt")
     return Encoded(enc["input_ids"], enc["attention_mask"])
 
@@ -221,15 +220,33 @@ class Residuals:
             yield [s[lo:hi, :width] for s in self.states], self.mask[lo:hi, :width]
 
 
+def length_sorted_batches(enc: Encoded, batch_size: int) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    """Forward batches of sentences of similar length, each trimmed to its longest: (indices, inputs).
+
+    BERT treats every sentence independently (padding is masked), so grouping by length only saves
+    the compute spent on padding; callers scatter the results back by the returned indices.
+    """
+    lengths = enc.attention_mask.sum(dim=1)
+    order = lengths.argsort(stable=True)
+    for lo in range(0, len(enc), batch_size):
+        idx = order[lo : lo + batch_size]
+        width = int(lengths[idx].max())  # right padding: real tokens come first
+        yield idx, {"input_ids": enc.input_ids[idx, :width], "attention_mask": enc.attention_mask[idx, :width]}
+
+
 @torch.no_grad()
 def capture_residuals(model: nn.Module, enc: Encoded, batch_size: int) -> Residuals:
     """Input of every encoder block plus the last block's output, for every sentence."""
-    chunks: list[tuple[Tensor, ...]] = []
-    for lo in range(0, len(enc), batch_size):
-        out = model(**enc.slice(lo, lo + batch_size), output_hidden_states=True)
-        chunks.append(tuple(h.float() for h in out.hidden_states))  # 7 × (batch, tokens, hidden)
-    states = tuple(torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0])))
-    return Residuals(states, enc.attention_mask.bool())
+    states: list[Tensor] | None = None
+    for idx, batch in length_sorted_batches(enc, batch_size):
+        hidden = model(**batch, output_hidden_states=True).hidden_states  # 7 × (batch, width, hidden)
+        if states is None:
+            shape = (*enc.input_ids.shape, hidden[0].shape[-1])
+            states = [torch.zeros(shape) for _ in hidden]  # (sentences, tokens, hidden), zero padding
+        for full, h in zip(states, hidden, strict=True):
+            full[idx, : h.shape[1]] = h.float()
+    assert states is not None, "no sentences to capture"
+    return Residuals(tuple(states), enc.attention_mask.bool())
 
 
 @contextmanager
@@ -247,13 +264,12 @@ def kept_blocks(model: nn.Module, kept: Sequence[int]) -> Iterator[None]:
 @torch.no_grad()
 def sentence_embeddings(model: nn.Module, enc: Encoded, batch_size: int) -> Tensor:
     """Mean-pooled last hidden state over real tokens (all-MiniLM-L6-v2's pooling): (sentences, hidden)."""
-    out = []
-    for lo in range(0, len(enc), batch_size):
-        batch = enc.slice(lo, lo + batch_size)
-        hidden = model(**batch).last_hidden_state  # (batch, tokens, hidden)
+    out = torch.empty(len(enc), model.config.hidden_size)  # type: ignore[attr-defined]
+    for idx, batch in length_sorted_batches(enc, batch_size):
+        hidden = model(**batch).last_hidden_state  # (batch, width, hidden)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append((hidden * mask).sum(dim=1) / mask.sum(dim=1))
-    return torch.cat(out)
+        out[idx] = (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+    return out
 
 
 def real_damage(model: nn.Module, enc: Encoded, num_blocks: int, batch_size: int) -> dict[tuple[int, ...], float]:
@@ -317,17 +333,28 @@ def agreement(costs: dict[tuple[int, ...], float], damage: dict[tuple[int, ...],
     return out
 
 
-def time_accumulation(res: Residuals, stop: int, spec: EstimatorSpec, batch_size: int, repeats: int) -> float:
-    """Median seconds of update() over [0, stop) plus compute(), after one warm-up run."""
+def time_accumulation(
+    res: Residuals, stop: int, spec: EstimatorSpec, batch_size: int, repeats: int, threads: int
+) -> float:
+    """Median seconds of update() over [0, stop) plus compute(), after one warm-up run.
+
+    Runs on ``threads`` torch threads: the CKA terms are small matrix products, and on a shared
+    2-vCPU machine two spinning OpenMP threads made the same work take 0.07 s to 16 s.
+    """
     batches = list(res.batches(0, stop, batch_size))  # slicing is not timed
     times = []
-    for _ in range(repeats + 1):
-        acc = StreamingCKA(len(res.states), spec.config)
-        t0 = time.perf_counter()
-        for states, mask in batches:
-            acc.update(states, mask)
-        acc.compute()
-        times.append(time.perf_counter() - t0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(repeats + 1):
+            acc = StreamingCKA(len(res.states), spec.config)
+            t0 = time.perf_counter()
+            for states, mask in batches:
+                acc.update(states, mask)
+            acc.compute()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(previous)
     return statistics.median(times[1:])
 
 
@@ -340,10 +367,11 @@ class BenchConfig:
     batch_size: int = 16  # sentences per CKA update (unless the estimator names its own)
     repeats: int = 3
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = None  # torch threads for the forward passes; None = torch's default
+    timing_threads: int = 1  # torch threads while timing the CKA accumulation
 
     def __post_init__(self) -> None:
-        for name in ("calib", "heldout", "small", "batch_size", "repeats"):
+        for name in ("calib", "heldout", "small", "batch_size", "repeats", "timing_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.small > self.calib:
@@ -413,7 +441,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                 "split_half_picks_agree": picks_agree,
                 f"small{cfg.small}_vs_{cfg.calib}_max_abs_diff": float((cka_small - cka_a).abs().max()),
             },
-            "seconds": time_accumulation(res, cfg.calib, spec, bs, cfg.repeats),
+            "seconds": time_accumulation(res, cfg.calib, spec, bs, cfg.repeats, cfg.timing_threads),
             "costs": {",".join(map(str, r)): costs_a[r] for r in sets},
         })
         results[spec.name] = row
@@ -477,7 +505,7 @@ def print_report(out: dict[str, Any]) -> None:
 
     small = f"small{cfg['small']}_vs_{cfg['calib']}_max_abs_diff"
     print(f"\n2. Stability (A vs B: {cfg['calib']} sentences each) and 3. cost (CKA accumulation over "
-          f"{cfg['calib']} sentences, median of {cfg['repeats']})")
+          f"{cfg['calib']} sentences, median of {cfg['repeats']}, {cfg['timing_threads']} thread(s))")
     print(f"{'estimator':<{width}} | A-B max|Δ| | A-B ρ offdiag | A-B ρ costs | picks agree | "
           f"{cfg['small']}-vs-{cfg['calib']} max|Δ| | seconds")
     for name, row in estimators.items():
@@ -508,11 +536,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, str | No
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sentences per CKA update")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per estimator")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the forward passes")
+    p.add_argument("--timing-threads", type=int, default=d.timing_threads,
+                   help="torch threads while timing the CKA accumulation")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     a = p.parse_args(argv)
     cfg = BenchConfig(calib=a.calib, heldout=a.heldout, small=a.small, batch_size=a.batch_size,
-                      repeats=a.repeats, seed=a.seed, threads=a.threads)
+                      repeats=a.repeats, seed=a.seed, threads=a.threads,
+                      timing_threads=a.timing_threads)
     return cfg, a.out
 
 
