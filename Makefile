@@ -21,7 +21,7 @@ demo: $(STAMP)
 		--calibration.num_samples=16 --out=outputs/demo --overwrite=true
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu" -q
+	$(PY) -m pytest -q  # pyproject deselects slow and gpu tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

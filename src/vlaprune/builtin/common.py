@@ -26,6 +26,25 @@ ACTION_KEY = "action"
 STATE_DIM = 6
 ACTION_DIM = 6
 
+# Vocabulary of the generated word-level tokenizers: words of robot task instructions
+# (every MetaWorld task description included).
+_INSTRUCTION_TEXT = """
+a an the and or of to into onto on off in out up down from with by using at under over above below
+behind front left right top bottom side middle center near far next between inside outside around
+back forward sideways clockwise counterclockwise degrees slowly quickly gently then while until
+pick place put push pull press open close turn rotate rotating revolving slide lift drop grasp grab
+hold release move reach stack insert remove take get kick dunk sweep unplug plug lock unlock stir
+pour wipe fold hang fill empty flip set bring go stop bypass cover uncover
+cube block box ball basketball soccer puck peg nut screw hole bin basket cup mug bottle can plate
+bowl spoon fork knife pan pot lid drawer door window cabinet shelf table counter wall goal handle
+lever button dial faucet tap hammer stick coffee machine gripper joint position towel cloth sponge
+book pen marker toy apple banana orange lemon carrot bread fridge microwave oven sink stove tray
+red green blue yellow black white orange purple pink brown gray small big large long short tall
+first second third last one two three another other this that it its all both each
+is are be please can you robot arm task
+"""
+INSTRUCTION_WORDS: list[str] = _INSTRUCTION_TEXT.split()
+
 
 @dataclass
 class BuiltPolicy:

@@ -38,14 +38,15 @@ from .common import (
     ACTION_DIM,
     ACTION_KEY,
     CAMERA_KEY,
+    INSTRUCTION_WORDS,
     STATE_DIM,
     STATE_KEY,
     BuiltPolicy,
     content_dir,
     perturb_parameters,
+    spread_linear_weights,
     synthetic_dataset_stats,
 )
-from .smolvla import _WORD_TEXT  # the shared robot-instruction word list
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def build(variant: Variant, size: Size, *, seed: int = 0) -> BuiltPolicy:
             policy = policy_cls(config)
     policy.to(device="cpu", dtype=torch.float32)
     if size == "tiny":
+        spread_linear_weights(policy, seed=seed)
         perturb_parameters(policy, seed=seed)
     policy.eval()
 
@@ -221,7 +223,7 @@ def vocabulary() -> list[str]:
 
     Its length is the tiny model's vocabulary size (embedding rows = tokenizer size).
     """
-    words = _WORD_TEXT.split() + _EXTRA_WORDS
+    words = INSTRUCTION_WORDS + _EXTRA_WORDS
     return list(dict.fromkeys([*_SPECIAL, _NEWLINE, *words, *_DIGITS, *_PUNCT]))
 
 

@@ -26,6 +26,7 @@ from .common import (
     ACTION_DIM,
     ACTION_KEY,
     CAMERA_KEY,
+    INSTRUCTION_WORDS,
     STATE_DIM,
     STATE_KEY,
     BuiltPolicy,
@@ -53,21 +54,7 @@ _MODEL_TOKENS = {
 _SPECIAL = [_UNK, _BOS, _EOS, _PAD, "<fake_token_around_image>", "<image>", "<global-img>", "<video>"]
 # Lowercase words of robot task instructions (covers every MetaWorld task description), digits and
 # punctuation. Anything else maps to the unknown token.
-_WORD_TEXT = """
-a an the and or of to into onto on off in out up down from with by using at under over above below
-behind front left right top bottom side middle center near far next between inside outside around
-back forward sideways clockwise counterclockwise degrees slowly quickly gently then while until
-pick place put push pull press open close turn rotate rotating revolving slide lift drop grasp grab
-hold release move reach stack insert remove take get kick dunk sweep unplug plug lock unlock stir
-pour wipe fold hang fill empty flip set bring go stop bypass cover uncover
-cube block box ball basketball soccer puck peg nut screw hole bin basket cup mug bottle can plate
-bowl spoon fork knife pan pot lid drawer door window cabinet shelf table counter wall goal handle
-lever button dial faucet tap hammer stick coffee machine gripper joint position towel cloth sponge
-book pen marker toy apple banana orange lemon carrot bread fridge microwave oven sink stove tray
-red green blue yellow black white orange purple pink brown gray small big large long short tall
-first second third last one two three another other this that it its all both each
-is are be please can you robot arm task
-"""
+
 _DIGITS = list("0123456789")
 _PUNCT = list(".,;:!?'\"-()/")
 
@@ -197,7 +184,7 @@ def _size_spec(size: str) -> dict[str, Any]:
 
 def _vocabulary() -> list[str]:
     """Token strings in id order: special tokens first, then words, digits and punctuation."""
-    seen: dict[str, None] = dict.fromkeys(_SPECIAL + _WORD_TEXT.split() + _DIGITS + _PUNCT)
+    seen: dict[str, None] = dict.fromkeys(_SPECIAL + INSTRUCTION_WORDS + _DIGITS + _PUNCT)
     return list(seen)
 
 
