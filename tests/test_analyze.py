@@ -38,7 +38,7 @@ def test_cli_writes_analysis_and_heatmaps(tmp_path, spec, capsys):
     assert data["calibration"]["synthetic"] is True
     assert data["settings"]["capture"]["timesteps"] == [0.9, 0.5, 0.1]
     assert data["versions"]["lerobot"] == "0.6.1"
-    assert data["stacks"]["expert"]["num_updates"] == 3  # one batch × three flow timesteps
+    assert data["stacks"]["expert"]["num_updates"] == 12  # per-sample estimator: 4 samples × 3 flow timesteps
     assert "most similar input/output" in capsys.readouterr().out
 
 
@@ -79,7 +79,7 @@ def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
 
 def test_debiased_with_too_few_examples_is_an_error(tmp_path):
     cfg = _cfg(tmp_path / "x", num_samples=3, batch_size=3)
-    cfg.cka = CKAArgs(debiased=True, tokens="mean")
+    cfg.cka = CKAArgs(preset="minibatch", debiased=True, tokens="mean")
     with pytest.raises(ValueError, match="at least 4 examples"):
         run_analyze(cfg)
 

@@ -27,6 +27,11 @@ from vlaprune.cka import (
 F64 = torch.float64
 
 
+def _minibatch(**kwargs: object) -> CKAConfig:
+    """The minibatch estimator (Nguyen et al. 2021); the library default is per-sample."""
+    return CKAConfig(estimator="minibatch", **kwargs)  # type: ignore[arg-type]
+
+
 def _randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
@@ -257,7 +262,7 @@ def _expected_examples(states: list[torch.Tensor], mask: torch.Tensor, mode: str
 @pytest.mark.parametrize("mode", ["tokens", "mean", "last"])
 def test_streaming_one_batch_equals_pairwise_linear_cka(debiased: bool, mode: str) -> None:
     states, mask = _batch([6, 6, 9, 4], batch=8, tokens=12, seed=16)
-    acc = StreamingCKA(4, CKAConfig(tokens=mode, debiased=debiased, max_tokens=None))  # type: ignore[arg-type]
+    acc = StreamingCKA(4, _minibatch(tokens=mode, debiased=debiased, max_tokens=None))  # type: ignore[arg-type]
     acc.update(states, mask)
     cka = acc.compute()
     examples = _expected_examples(states, mask, mode)
@@ -274,7 +279,7 @@ def test_streaming_one_batch_equals_pairwise_linear_cka(debiased: bool, mode: st
 def test_streaming_two_dim_states(debiased: bool) -> None:
     states, _ = _batch([5, 7, 3], batch=16, tokens=1, seed=17)
     flat = [s[:, 0] for s in states]
-    acc = StreamingCKA(3, CKAConfig(debiased=debiased))
+    acc = StreamingCKA(3, _minibatch(debiased=debiased))
     acc.update(flat)
     expected = linear_cka(flat[0], flat[1], debiased=debiased)
     assert float(acc.compute()[0, 1]) == pytest.approx(expected, rel=1e-10, abs=1e-12)
@@ -283,7 +288,7 @@ def test_streaming_two_dim_states(debiased: bool) -> None:
 @pytest.mark.parametrize("debiased", [False, True])
 def test_minibatch_over_batches_is_mean_hsic_ratio(debiased: bool) -> None:
     batches = [_batch([5, 5, 8], batch=4, tokens=6 + b, seed=20 + b) for b in range(3)]
-    acc = StreamingCKA(3, CKAConfig(debiased=debiased, max_tokens=None))
+    acc = StreamingCKA(3, _minibatch(debiased=debiased, max_tokens=None))
     for states, mask in batches:
         acc.update(states, mask)
     hsic = torch.zeros(3, 3, dtype=F64)
@@ -316,12 +321,12 @@ def test_per_sample_is_mean_of_per_sample_linear_cka(debiased: bool) -> None:
 @pytest.mark.parametrize(
     ("config", "garbage"),
     [
-        (CKAConfig(tokens="tokens", max_tokens=None), float("nan")),
-        (CKAConfig(tokens="mean"), float("inf")),
-        (CKAConfig(tokens="mean", debiased=True), 1e30),
-        (CKAConfig(tokens="last"), float("nan")),
+        (_minibatch(tokens="tokens", max_tokens=None), float("nan")),
+        (_minibatch(tokens="mean"), float("inf")),
+        (_minibatch(tokens="mean", debiased=True), 1e30),
+        (_minibatch(tokens="last"), float("nan")),
         (CKAConfig(estimator="per_sample", max_tokens=None), 1e30),
-        (CKAConfig(tokens="tokens", max_tokens=8), float("nan")),
+        (_minibatch(tokens="tokens", max_tokens=8), float("nan")),
     ],
 )
 def test_padding_never_counts(config: CKAConfig, garbage: float) -> None:
@@ -338,7 +343,7 @@ def test_subsampling_is_seeded() -> None:
     batches = [_batch([6, 6, 6], batch=4, tokens=20, seed=50 + b) for b in range(3)]
 
     def run(seed: int) -> torch.Tensor:
-        acc = StreamingCKA(3, CKAConfig(max_tokens=16, seed=seed))
+        acc = StreamingCKA(3, _minibatch(max_tokens=16, seed=seed))
         for states, mask in batches:
             acc.update(states, mask)
         assert acc.num_examples == 3 * 16
@@ -351,7 +356,7 @@ def test_subsampling_is_seeded() -> None:
 def test_constant_state_gives_nan_and_warns(caplog: pytest.LogCaptureFixture) -> None:
     states, mask = _batch([5, 5, 5], batch=4, tokens=6, seed=60)
     states[1] = torch.full_like(states[1], 0.7)
-    acc = StreamingCKA(3, CKAConfig(max_tokens=None))
+    acc = StreamingCKA(3, _minibatch(max_tokens=None))
     acc.update(states, mask)
     with caplog.at_level(logging.WARNING, logger="vlaprune.cka"):
         cka = acc.compute()
@@ -362,7 +367,7 @@ def test_constant_state_gives_nan_and_warns(caplog: pytest.LogCaptureFixture) ->
 
 def test_streaming_input_errors() -> None:
     states, mask = _batch([4, 4, 4], batch=5, tokens=4, seed=70)
-    acc = StreamingCKA(3, CKAConfig(tokens="mean", debiased=True))
+    acc = StreamingCKA(3, _minibatch(tokens="mean", debiased=True))
     with pytest.raises(ValueError, match="expected 3 states"):
         acc.update(states[:2], mask)
     with pytest.raises(ValueError, match=r"states\[2\] has shape"):
@@ -398,8 +403,8 @@ def test_presets() -> None:
     paper = CKAConfig.preset("paper")
     fields = (paper.estimator, paper.tokens, paper.max_tokens, paper.debiased)
     assert fields == ("per_sample", "tokens", None, False)
-    assert CKAConfig.preset("default", debiased=True, tokens="last").debiased is True
-    with pytest.raises(ValueError, match="presets: default, paper"):
+    assert CKAConfig.preset("minibatch", debiased=True, tokens="last").debiased is True
+    with pytest.raises(ValueError, match="presets: default, paper, minibatch"):
         CKAConfig.preset("fast")
     with pytest.raises(ValueError, match="unknown CKAConfig field"):
         CKAConfig.preset("default", max_token=5)
@@ -408,7 +413,7 @@ def test_presets() -> None:
 
 
 # ------------------------------------------------------------------------------ merge / state dict
-@pytest.mark.parametrize("config", [CKAConfig(max_tokens=None), CKAConfig(debiased=True, max_tokens=None),
+@pytest.mark.parametrize("config", [_minibatch(max_tokens=None), _minibatch(debiased=True, max_tokens=None),
                                     CKAConfig.preset("paper")])
 def test_merge_equals_single_accumulator(config: CKAConfig) -> None:
     batches = [_batch([5, 7, 5], batch=3, tokens=8, seed=80 + b) for b in range(4)]
@@ -426,7 +431,7 @@ def test_merge_equals_single_accumulator(config: CKAConfig) -> None:
 
 
 def test_state_dict_round_trip_resumes_exactly() -> None:
-    config = CKAConfig(max_tokens=12, debiased=True)  # subsampling: the generator state must travel too
+    config = _minibatch(max_tokens=12, debiased=True)  # subsampling: the generator state must travel too
     batches = [_batch([4, 6], batch=3, tokens=10, seed=90 + b) for b in range(3)]
     ref, part = StreamingCKA(2, config), StreamingCKA(2, config)
     for states, mask in batches:
@@ -439,7 +444,7 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
     assert torch.equal(resumed.compute(), ref.compute())
     assert resumed.num_examples == ref.num_examples
     with pytest.raises(ValueError, match="same CKAConfig"):
-        StreamingCKA(2, CKAConfig()).load_state_dict(part.state_dict())
+        StreamingCKA(2, _minibatch()).load_state_dict(part.state_dict())
     with pytest.raises(ValueError, match="same num_states"):
         StreamingCKA(3, config).load_state_dict(part.state_dict())
 
@@ -449,7 +454,7 @@ def test_memory_is_flat() -> None:
         tensors = [v for v in acc.state_dict().values() if isinstance(v, torch.Tensor)]
         return sum(v.numel() * v.element_size() for v in tensors)
 
-    for config in (CKAConfig(max_tokens=8), CKAConfig.preset("paper")):
+    for config in (_minibatch(max_tokens=8), CKAConfig.preset("paper")):
         acc = StreamingCKA(3, config)
         acc.update(*_batch([4, 4, 4], batch=2, tokens=6, seed=100))
         size = tensor_bytes(acc)

@@ -18,8 +18,8 @@ from vlaprune.cka import CKAConfig, StreamingCKA
 WORLD_SIZE = 2
 TIMEOUT_S = 120
 CONFIGS = {
-    "minibatch_biased": CKAConfig(max_tokens=None),
-    "minibatch_debiased": CKAConfig(debiased=True, max_tokens=None),
+    "minibatch_biased": CKAConfig(estimator="minibatch", max_tokens=None),
+    "minibatch_debiased": CKAConfig(estimator="minibatch", debiased=True, max_tokens=None),
     "per_sample": CKAConfig.preset("paper"),
 }
 

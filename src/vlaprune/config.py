@@ -42,14 +42,16 @@ class CalibrationArgs:
 
 @dataclass
 class CKAArgs:
-    preset: str = "default"  # "default" or "paper"
-    debiased: bool | None = None  # override the preset
+    preset: str = "default"  # "default", "paper" or "minibatch"
+    estimator: str | None = None  # override the preset: per_sample | minibatch
+    debiased: bool | None = None
     tokens: str | None = None  # tokens | mean | last
     max_tokens: int | None = None
 
     def config(self) -> CKAConfig:
-        overrides = {k: v for k, v in (("debiased", self.debiased), ("tokens", self.tokens),
-                                        ("max_tokens", self.max_tokens)) if v is not None}
+        pairs = (("estimator", self.estimator), ("debiased", self.debiased), ("tokens", self.tokens),
+                 ("max_tokens", self.max_tokens))
+        overrides = {k: v for k, v in pairs if v is not None}
         return CKAConfig.preset(self.preset, **overrides)
 
 
