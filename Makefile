@@ -21,6 +21,8 @@ demo: $(STAMP)
 		--calibration.num_samples=16 --out=outputs/demo --overwrite=true
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q  # pyproject deselects slow and gpu tests
 
 lint: $(STAMP)

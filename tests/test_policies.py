@@ -63,5 +63,5 @@ def test_unsupported_policy_type_lists_supported(tmp_path):
 
     directory = tmp_path / "act"
     ACTConfig().save_pretrained(directory)
-    with pytest.raises(ValueError, match="supported types: .*smolvla"):
+    with pytest.raises(ValueError, match=r"supported types: .*smolvla"):
         load_policy(str(directory))
