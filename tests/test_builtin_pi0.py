@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlaprune.builtin import pi0
-from vlaprune.builtin.common import ACTION_KEY, CAMERA_KEY, STATE_KEY, BuiltPolicy
+from vlaprune.builtin.common import ACTION_KEY, CAMERA_KEY, STATE_KEY, PolicyBundle
 
 TASKS = ["pick up the cube", "open the drawer"]
 VARIANTS = ("pi0", "pi05")
@@ -19,12 +19,12 @@ def modeling(variant: str):
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
-def built(request) -> BuiltPolicy:
+def built(request) -> PolicyBundle:
     """One tiny build per variant for the read-only checks of this module."""
     return pi0.build(request.param, "tiny", seed=0)
 
 
-def variant_of(built: BuiltPolicy) -> str:
+def variant_of(built: PolicyBundle) -> str:
     return built.spec.split(":")[1]
 
 
@@ -41,7 +41,7 @@ def raw_batch(chunk_size: int, *, with_action: bool = True, batch: int = 2) -> d
     return out
 
 
-def tokenizer_of(built: BuiltPolicy):
+def tokenizer_of(built: PolicyBundle):
     (step,) = [s for s in built.preprocessor.steps if type(s).__name__ == "TokenizerProcessorStep"]
     return step
 

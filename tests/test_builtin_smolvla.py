@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from vlaprune.builtin import smolvla
-from vlaprune.builtin.common import ACTION_KEY, CAMERA_KEY, STATE_KEY, BuiltPolicy
+from vlaprune.builtin.common import ACTION_KEY, CAMERA_KEY, STATE_KEY, PolicyBundle
 
 TASKS = ["pick up the cube", "open the drawer"]
 
 
 @pytest.fixture(scope="module")
-def built() -> BuiltPolicy:
+def built() -> PolicyBundle:
     """One tiny build for the read-only checks of this module."""
     return smolvla.build("tiny", seed=0)
 

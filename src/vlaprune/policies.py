@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .builtin.common import BuiltPolicy
+from .builtin.common import PolicyBundle
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ def is_builtin(spec: str) -> bool:
     return spec.split(":", 1)[0] in ("tiny", "real") and ":" in spec
 
 
-def load_policy(spec: str, *, seed: int = 0, device: str = "cpu") -> BuiltPolicy:
+def load_policy(spec: str, *, seed: int = 0, device: str = "cpu") -> PolicyBundle:
     """Load ``spec``: ``tiny:<family>`` / ``real:<family>`` (built offline), a local LeRobot
     checkpoint directory, or a hub repo id (downloaded by LeRobot; not possible offline)."""
     if is_builtin(spec):
@@ -37,7 +37,7 @@ def load_policy(spec: str, *, seed: int = 0, device: str = "cpu") -> BuiltPolicy
     return bundle
 
 
-def _build_builtin(spec: str, *, seed: int) -> BuiltPolicy:
+def _build_builtin(spec: str, *, seed: int) -> PolicyBundle:
     size, name = spec.split(":", 1)
     if spec not in BUILTIN_SPECS:
         raise ValueError(f"unknown built-in policy {spec!r}; built-in policies: {', '.join(BUILTIN_SPECS)}")
@@ -50,7 +50,7 @@ def _build_builtin(spec: str, *, seed: int) -> BuiltPolicy:
     return pi0.build(name, size, seed=seed)  # type: ignore[arg-type]
 
 
-def _load_pretrained(path: str, *, local: bool) -> BuiltPolicy:
+def _load_pretrained(path: str, *, local: bool) -> PolicyBundle:
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 
@@ -63,7 +63,7 @@ def _load_pretrained(path: str, *, local: bool) -> BuiltPolicy:
     if local:
         check_weights_match(policy, Path(path) / "model.safetensors")
     preprocessor, postprocessor = make_pre_post_processors(config, pretrained_path=path)
-    return BuiltPolicy(spec=path, policy=policy, preprocessor=preprocessor, postprocessor=postprocessor)
+    return PolicyBundle(spec=path, policy=policy, preprocessor=preprocessor, postprocessor=postprocessor)
 
 
 def check_weights_match(policy: Any, weights: Path) -> None:

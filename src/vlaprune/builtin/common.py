@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # Feature layout shared by every built-in policy: one camera, a 6-d state and a 6-d action.
 CAMERA_KEY = "observation.images.top"
@@ -47,8 +53,8 @@ INSTRUCTION_WORDS: list[str] = _INSTRUCTION_TEXT.split()
 
 
 @dataclass
-class BuiltPolicy:
-    """A built-in policy with the processors that feed it (LeRobot objects)."""
+class PolicyBundle:
+    """A LeRobot policy with the processors that feed it (built-in or loaded from a checkpoint)."""
 
     spec: str  # e.g. "tiny:smolvla"
     policy: Any  # lerobot PreTrainedPolicy, eval mode, float32, CPU
@@ -68,6 +74,30 @@ def content_dir(kind: str, payload: dict[str, Any]) -> Path:
     """A cache directory named after a hash of ``payload``: generated files never go stale."""
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return cache_dir() / f"{kind}-{digest}"
+
+
+def generated_dir(kind: str, payload: dict[str, Any], *, marker: str, write: Callable[[Path], None]) -> Path:
+    """``content_dir(kind, payload)``, filled by ``write`` on first use.
+
+    ``write`` fills a temporary sibling that is then renamed into place, so a crash never leaves a
+    partial directory under the final name and concurrent builders agree on one copy. ``marker`` is
+    a file whose presence means the directory is complete.
+    """
+    final = content_dir(kind, payload)
+    if (final / marker).is_file():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, final)
+            logger.info("generated %s", final)
+        except OSError as err:  # another builder won the race: fine if its copy is complete
+            if not (final / marker).is_file():
+                raise RuntimeError(f"{final} exists but is incomplete; delete it and retry") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 @torch.no_grad()

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,8 +38,8 @@ from .common import (
     INSTRUCTION_WORDS,
     STATE_DIM,
     STATE_KEY,
-    BuiltPolicy,
-    content_dir,
+    PolicyBundle,
+    generated_dir,
     perturb_parameters,
     spread_linear_weights,
     synthetic_dataset_stats,
@@ -98,7 +95,7 @@ _SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def build(variant: Variant, size: Size, *, seed: int = 0) -> BuiltPolicy:
+def build(variant: Variant, size: Size, *, seed: int = 0) -> PolicyBundle:
     """Build ``<size>:<variant>``: a ``PI0Policy``/``PI05Policy`` (eval, float32, CPU) and its processors.
 
     Deterministic for a given ``seed``; the global torch RNG state is left as it was. ``tiny`` weights
@@ -156,7 +153,7 @@ def build(variant: Variant, size: Size, *, seed: int = 0) -> BuiltPolicy:
         preprocessor, postprocessor = make_pre_post_processors(
             config, dataset_stats=synthetic_dataset_stats(features)
         )
-    return BuiltPolicy(spec=f"{size}:{variant}", policy=policy, preprocessor=preprocessor,
+    return PolicyBundle(spec=f"{size}:{variant}", policy=policy, preprocessor=preprocessor,
                        postprocessor=postprocessor)
 
 
@@ -192,8 +189,7 @@ def tiny_architecture(variant: Variant) -> Iterator[None]:
 def paligemma_tokenizer_dir(size: Size) -> Path:
     """The generated PaliGemma-style tokenizer directory for ``size``, created on first use.
 
-    Written to a temporary sibling and renamed into place, so a crash never leaves a partial
-    directory under the final name and concurrent builders agree on one copy.
+    Generated atomically (see :func:`generated_dir`).
     """
     import tokenizers
     import transformers
@@ -201,21 +197,8 @@ def paligemma_tokenizer_dir(size: Size) -> Path:
     max_length = max(_SIZES[size]["tokenizer_max_length"].values())
     payload = {"format": _FORMAT_VERSION, "transformers": transformers.__version__,
                "tokenizers": tokenizers.__version__, "vocab": vocabulary(), "max_length": max_length}
-    final = content_dir(f"paligemma-tokenizer-{size}", payload)
-    if (final / "tokenizer.json").is_file():
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        _make_tokenizer(max_length).save_pretrained(tmp)
-        try:
-            os.rename(tmp, final)
-            logger.info("generated PaliGemma tokenizer directory %s", final)
-        except OSError as err:  # another builder won the race: fine if its copy is complete
-            if not (final / "tokenizer.json").is_file():
-                raise RuntimeError(f"{final} exists but is incomplete; delete it and retry") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return generated_dir(f"paligemma-tokenizer-{size}", payload, marker="tokenizer.json",
+                         write=lambda tmp: _make_tokenizer(max_length).save_pretrained(tmp))
 
 
 def vocabulary() -> list[str]:

@@ -14,9 +14,6 @@ expert layers, a VLM cut to ``num_vlm_layers``) whose weights are perturbed away
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,8 +26,8 @@ from .common import (
     INSTRUCTION_WORDS,
     STATE_DIM,
     STATE_KEY,
-    BuiltPolicy,
-    content_dir,
+    PolicyBundle,
+    generated_dir,
     perturb_parameters,
     spread_linear_weights,
     synthetic_dataset_stats,
@@ -97,7 +94,7 @@ _SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def build(size: Size, *, seed: int = 0) -> BuiltPolicy:
+def build(size: Size, *, seed: int = 0) -> PolicyBundle:
     """Build ``<size>:smolvla``: a ``SmolVLAPolicy`` (eval, float32, CPU) and LeRobot's stock processors.
 
     Deterministic for a given ``seed``; the global torch RNG state is left as it was. Only the
@@ -141,15 +138,14 @@ def build(size: Size, *, seed: int = 0) -> BuiltPolicy:
     preprocessor, postprocessor = make_pre_post_processors(
         config, dataset_stats=synthetic_dataset_stats(features)
     )
-    return BuiltPolicy(spec=f"{size}:smolvla", policy=policy, preprocessor=preprocessor,
+    return PolicyBundle(spec=f"{size}:smolvla", policy=policy, preprocessor=preprocessor,
                        postprocessor=postprocessor)
 
 
 def smolvlm_dir(size: Size) -> Path:
     """The generated SmolVLM directory for ``size`` (config + processor), created on first use.
 
-    Written to a temporary sibling and renamed into place, so a crash never leaves a partial
-    directory under the final name and concurrent builders agree on one copy.
+    Generated atomically (see :func:`generated_dir`).
     """
     import transformers
 
@@ -159,21 +155,8 @@ def smolvlm_dir(size: Size) -> Path:
         "vision": spec["vision"], "scale_factor": spec["scale_factor"], "vocab": _vocabulary(),
         "model_tokens": _MODEL_TOKENS,
     }
-    final = content_dir(f"smolvlm-{size}", payload)
-    if (final / "config.json").is_file():
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        _write_smolvlm(tmp, spec)
-        try:
-            os.rename(tmp, final)
-            logger.info("generated SmolVLM directory %s", final)
-        except OSError as err:  # another builder won the race: fine if its copy is complete
-            if not (final / "config.json").is_file():
-                raise RuntimeError(f"{final} exists but is incomplete; delete it and retry") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return generated_dir(f"smolvlm-{size}", payload, marker="config.json",
+                         write=lambda tmp: _write_smolvlm(tmp, spec))
 
 
 def _size_spec(size: str) -> dict[str, Any]:
