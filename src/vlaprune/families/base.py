@@ -10,7 +10,7 @@ chosen flow-matching timesteps. Nothing here guesses layer indices from paramete
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -85,6 +85,22 @@ class FlowRunner(Protocol):
         ...
 
 
+class Surgeon(Protocol):
+    """How a family expresses a pruned policy: its config, and a fresh (untrained) policy of that config.
+
+    Surgery (``vlaprune.surgery``) then loads the source's state dict, renumbered per stack, strictly.
+    ``kept`` holds ORIGINAL indices of the source policy per stack.
+    """
+
+    def pruned_config(self, policy: Any, kept: Mapping[str, Sequence[int]]) -> Any:
+        """The LeRobot config of the pruned policy (a new object; the source config is untouched)."""
+        ...
+
+    def build(self, config: Any) -> Any:
+        """A fresh policy of ``config`` on the CPU, float32 (weights are loaded afterwards)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Family:
     """A model family: stacks, coupling and role rules as data, plus its forward runner."""
@@ -98,6 +114,7 @@ class Family:
     role_rules: tuple[RoleRule, ...] = ()
     notes: tuple[str, ...] = ()
     runner: FlowRunner | None = None
+    surgeon: Surgeon | None = None
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stacks]
