@@ -461,3 +461,22 @@ def test_memory_is_flat() -> None:
         for b in range(30):
             acc.update(*_batch([4, 4, 4], batch=2, tokens=6, seed=101 + b))
         assert tensor_bytes(acc) == size
+
+
+def test_streaming_cosine_matches_tokenwise_mean() -> None:
+    from vlaprune.cka import StreamingCosine
+
+    gen = torch.Generator().manual_seed(3)
+    states = [torch.randn(2, 5, 4, generator=gen) for _ in range(3)]
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
+    states[0][~mask] = 1e30  # padding never counts
+    acc = StreamingCosine(3)
+    acc.update(states, mask)
+    acc.update(states, mask)
+    ref = torch.zeros(3, 3, dtype=F64)
+    for i in range(3):
+        for j in range(3):
+            cos = torch.nn.functional.cosine_similarity(states[i][mask].double(), states[j][mask].double(), dim=-1)
+            ref[i, j] = cos.mean()
+    torch.testing.assert_close(acc.compute(), ref)
+    assert torch.allclose(acc.compute().diagonal(), torch.ones(3, dtype=F64))

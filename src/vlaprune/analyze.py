@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .capture import CaptureConfig, collect_residuals
-from .cka import CKAConfig, StreamingCKA
+from .cka import CKAConfig, StreamingCKA, StreamingCosine
 from .config import AnalyzeConfig
 from .families import family_for
 from .families.base import Family
@@ -32,6 +32,7 @@ class StackAnalysis:
     name: str
     num_layers: int
     cka: tuple[tuple[float, ...], ...]
+    cosine: tuple[tuple[float, ...], ...]  # mean token-wise cosine between the same states
     num_updates: int
     num_examples: int
 
@@ -59,6 +60,7 @@ class Analysis:
                 name: {
                     "num_layers": s.num_layers,
                     "cka": [list(row) for row in s.cka],
+                    "cosine": [list(row) for row in s.cosine],
                     "adjacent": [{"block": i, "cka": v} for i, v in s.adjacent()],
                     "num_updates": s.num_updates,
                     "num_examples": s.num_examples,
@@ -109,29 +111,35 @@ def compute_stack_cka(
     rank, world = _rank_and_world()
     depths = family.depths(policy)
     accumulators = {name: StreamingCKA(depth + 1, cka) for name, depth in depths.items()}
+    cosines = {name: StreamingCosine(depth + 1) for name, depth in depths.items()}
     policy.eval()
     for index, batch in enumerate(batches):
         if index % world == rank:
             generator = torch.Generator().manual_seed(capture.seed * 1_000_003 + index)
             for recorded in collect_residuals(policy, family, batch, config=capture, generator=generator):
                 accumulators[recorded.stack].update(recorded.states, recorded.mask)
+                cosines[recorded.stack].update(recorded.states, recorded.mask)
                 del recorded
         if on_batch is not None:
             on_batch(1)
     if world > 1:
-        for acc in accumulators.values():
+        for acc in [*accumulators.values(), *cosines.values()]:
             acc.all_reduce()
     results: dict[str, StackAnalysis] = {}
     for name, acc in accumulators.items():
-        matrix = acc.compute().cpu().tolist()
         results[name] = StackAnalysis(
             name=name,
             num_layers=depths[name],
-            cka=tuple(tuple(float(v) for v in row) for row in matrix),
+            cka=_as_tuples(acc.compute()),
+            cosine=_as_tuples(cosines[name].compute()),
             num_updates=acc.num_updates,
             num_examples=acc.num_examples,
         )
     return results
+
+
+def _as_tuples(matrix: torch.Tensor) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(v) for v in row) for row in matrix.cpu().tolist())
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -433,17 +433,65 @@ class StreamingCKA:
         minibatch estimator needs whole batches per process). A no-op without an initialised
         process group. With token subsampling, ranks draw different subsamples than one process would.
         """
-        dist = torch.distributed
-        if not dist.is_available() or not dist.is_initialized():
-            logger.debug("torch.distributed is not initialised; all_reduce is a no-op")
-            return
-        device = torch.device("cpu")
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
         counts = torch.tensor([self._count, self._num_examples], dtype=torch.float64)
-        packed = torch.cat([self._sum.flatten(), counts]).to(device)  # one collective for all state
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        packed = packed.cpu()
+        packed = _all_reduce_sum(torch.cat([self._sum.flatten(), counts]), group)  # one collective
+        if packed is None:
+            return
         self._sum = packed[:-2].reshape(self.num_states, self.num_states).clone()
         self._count = round(float(packed[-2]))
         self._num_examples = round(float(packed[-1]))
+
+
+def _all_reduce_sum(packed: Tensor, group: ProcessGroup | None) -> Tensor | None:
+    """SUM-all-reduce a float64 CPU tensor (on the current GPU under nccl); None when not distributed."""
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        logger.debug("torch.distributed is not initialised; all_reduce is a no-op")
+        return None
+    device = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    packed = packed.to(torch.float64).to(device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    return packed.cpu()
+
+
+# ------------------------------------------------------------------------------------------ cosine
+class StreamingCosine:
+    """Mean cosine similarity between states, token by token: ``C_ij = mean_t cos(h_i[t], h_j[t])``.
+
+    Not CKA: it compares the same token's vectors across states, which is what ShortGPT's block
+    influence (Men et al. 2024, BI_i = 1 − C_{i,i+1}) and the angular distance of Gromov et al.
+    (2024, arccos(C_{l,l+n}) / π) use. Every real token counts (padding never); memory is one
+    (S, S) float64 sum and a token count, and ``all_reduce`` sums them across processes.
+    """
+
+    def __init__(self, num_states: int) -> None:
+        if num_states < 1:
+            raise ValueError(f"num_states={num_states} must be >= 1")
+        self.num_states = num_states
+        self._sum = torch.zeros(num_states, num_states, dtype=torch.float64)
+        self._tokens = 0
+
+    def update(self, states: Sequence[Tensor], mask: Tensor | None = None) -> None:
+        """Fold one batch in: one (batch, tokens, D) tensor per state (same D), ``mask`` True = real."""
+        if len(states) != self.num_states:
+            raise ValueError(f"expected {self.num_states} states (one per residual state), got {len(states)}")
+        rows = select_examples(states, mask, "tokens")  # all real tokens, same rows for every state
+        unit = torch.stack([torch.nn.functional.normalize(r.to(torch.float64), dim=-1) for r in rows])  # (S, n, D)
+        self._sum += torch.einsum("snd,tnd->st", unit, unit).cpu()
+        self._tokens += unit.shape[1]
+
+    def compute(self) -> Tensor:
+        """(S, S) float64 mean cosine."""
+        if self._tokens == 0:
+            raise ValueError("StreamingCosine.compute() called before any update(); feed at least one batch")
+        return self._sum / self._tokens
+
+    def all_reduce(self, group: ProcessGroup | None = None) -> None:
+        """Sum the state over all processes (a no-op without an initialised process group)."""
+        packed = _all_reduce_sum(torch.cat([self._sum.flatten(), torch.tensor([float(self._tokens)])]), group)
+        if packed is None:
+            return
+        self._sum = packed[:-1].reshape(self.num_states, self.num_states)
+        self._tokens = round(float(packed[-1]))
