@@ -5,31 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlaprune.calibration import CalibrationConfig, synthetic_batches
 from vlaprune.capture import CaptureConfig, CaptureError, collect_residuals
 from vlaprune.families import family_for
 from vlaprune.families.base import resolve
 
 from .conftest import TINY_SPECS
-
-
-def _batch(bundle, n=3, seed=0):
-    raw = next(synthetic_batches(bundle.policy.config, CalibrationConfig(num_samples=n, batch_size=n, seed=seed)))
-    return bundle.preprocessor(raw)
-
-
-def _flow_inputs(policy, batch):
-    """The positional inputs of the family's ``model.forward`` (LeRobot's joint training path)."""
-    from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
-
-    lang = (batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK])
-    if policy.config.type == "smolvla":
-        images, masks = policy.prepare_images(batch)
-        return (images, masks, *lang, policy.prepare_state(batch))
-    images, masks = policy._preprocess_images(batch)
-    if policy.config.type == "pi0":
-        return (images, masks, *lang, policy.prepare_state(batch))
-    return (images, masks, *lang)
+from .flow import batch as _batch
+from .flow import flow_inputs as _flow_inputs
 
 
 @pytest.mark.parametrize("spec", TINY_SPECS)

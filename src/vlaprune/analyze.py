@@ -123,8 +123,10 @@ def compute_stack_cka(
         if on_batch is not None:
             on_batch(1)
     if world > 1:
-        for acc in [*accumulators.values(), *cosines.values()]:
+        for acc in accumulators.values():
             acc.all_reduce()
+        for cos in cosines.values():
+            cos.all_reduce()
     results: dict[str, StackAnalysis] = {}
     for name, acc in accumulators.items():
         results[name] = StackAnalysis(

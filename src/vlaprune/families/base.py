@@ -34,6 +34,9 @@ class StackSpec:
     input_norm: str = "input_layernorm"
     depth_key: str | None = None  # policy config field holding the depth, if any
     description: str = ""
+    # submodules of a block whose outputs are added to the residual stream: zeroing them makes the
+    # block an exact identity, which is how a removed block is "skipped" without surgery (verify)
+    residual_branches: tuple[str, ...] = ("self_attn.o_proj", "mlp")
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,11 @@ into its k/v projection shapes.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .base import Family, PrefixPass, RoleRule, StackSpec, register_family
@@ -22,7 +25,6 @@ class SmolVLARunner:
     """Prefix through the VLM with a KV cache, then ``denoise_step`` per flow timestep."""
 
     def prefix(self, policy: Any, batch: dict[str, Any]) -> PrefixPass:
-        import torch
         from lerobot.policies.common.vla_utils import make_att_2d_masks
         from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 
@@ -56,6 +58,38 @@ class SmolVLARunner:
         )
 
 
+class SmolVLASurgeon:
+    """A pruned SmolVLA is a stock ``smolvla`` config with ``num_vlm_layers = K``.
+
+    SmolVLA builds the first ``num_vlm_layers`` text layers and as many expert layers, assigning
+    self/cross-attention by position; surgery then loads the kept blocks renumbered 0..K-1. The
+    planner guarantees each kept block's role at its new position, so shapes and semantics agree.
+    """
+
+    def pruned_config(self, policy: Any, kept: Mapping[str, Sequence[int]]) -> Any:
+        vlm, expert = list(kept["vlm"]), list(kept["expert"])
+        if vlm != expert:
+            raise ValueError(f"SmolVLA stacks are lockstep: kept vlm {vlm} and expert {expert} must be equal")
+        source = policy.config
+        depth = len(policy.model.vlm_with_expert.get_vlm_model().text_model.layers)
+        experts = len(policy.model.vlm_with_expert.lm_expert.layers)
+        if experts != depth:
+            raise ValueError(
+                f"SmolVLA with {experts} expert layers for {depth} VLM layers (num_expert_layers="
+                f"{source.num_expert_layers}) cannot be pruned: only equal depths are supported"
+            )
+        config = copy.deepcopy(source)
+        config.num_vlm_layers = len(vlm)
+        config.num_expert_layers = -1  # as many expert layers as VLM layers
+        config.load_vlm_weights = False  # every weight comes from the pruned state dict
+        return config
+
+    def build(self, config: Any) -> Any:
+        from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+        return SmolVLAPolicy(config).to(device="cpu", dtype=torch.float32)
+
+
 SMOLVLA = register_family(
     Family(
         name="smolvla",
@@ -85,5 +119,6 @@ SMOLVLA = register_family(
             "num_expert_layers < num_vlm_layers with cross-attention fails on shapes in stock LeRobot",
         ),
         runner=SmolVLARunner(),
+        surgeon=SmolVLASurgeon(),
     )
 )

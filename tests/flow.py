@@ -1,0 +1,44 @@
+"""Shared helpers: a preprocessed synthetic batch, and the inputs of LeRobot's flow-matching forward."""
+
+from __future__ import annotations
+
+import torch
+
+from vlaprune.calibration import CalibrationConfig, synthetic_batches
+
+
+def batch(bundle, n=3, seed=0):
+    raw = next(synthetic_batches(bundle.policy.config, CalibrationConfig(num_samples=n, batch_size=n, seed=seed)))
+    return bundle.preprocessor(raw)
+
+
+def flow_inputs(policy, batch):
+    """The positional inputs of the family's ``model.forward`` (LeRobot's joint training path)."""
+    from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
+    lang = (batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK])
+    if policy.config.type == "smolvla":
+        images, masks = policy.prepare_images(batch)
+        return (images, masks, *lang, policy.prepare_state(batch))
+    images, masks = policy._preprocess_images(batch)
+    if policy.config.type.startswith("pi05"):  # pi0.5 writes the state into the prompt
+        return (images, masks, *lang)
+    return (images, masks, *lang, policy.prepare_state(batch))
+
+
+
+def fixed_noise_time(policy, batch_, t=0.4, seed=7):
+    """Padded actions, seeded noise and a constant flow time for ``policy.model.forward``."""
+    actions = policy.prepare_action(batch_)
+    noise = torch.randn(actions.shape, generator=torch.Generator().manual_seed(seed))
+    return actions, noise, torch.full((actions.shape[0],), t)
+
+
+@torch.no_grad()
+def loss_and_chunk(policy, batch_, seed=7):
+    """LeRobot's per-element flow-matching loss and a sampled action chunk, both with fixed noise."""
+    inputs = flow_inputs(policy, batch_)
+    actions, noise, time = fixed_noise_time(policy, batch_, seed=seed)
+    loss = policy.model.forward(*inputs, actions, noise, time)
+    chunk = policy.model.sample_actions(*inputs, noise=noise)
+    return loss, chunk
