@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +19,7 @@ from .cka import CKAConfig, StreamingCKA, StreamingCosine
 from .config import AnalyzeConfig
 from .families import family_for
 from .families.base import Family
+from .outputs import prepare_output_dir, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -178,35 +177,6 @@ def analyze_policy(
         calibration=calibration,
         seconds=time.perf_counter() - start,
     )
-
-
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing output directory unless ``overwrite`` (checked before any work is done)."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} exists; pass --overwrite to replace it")
-
-
-def write_atomically(out: Path, overwrite: bool, write: Callable[[Path], object]) -> None:
-    """Let ``write`` fill a temporary sibling directory, then move it into place.
-
-    A failure leaves nothing at ``out`` (or the previous results, untouched, when overwriting).
-    """
-    prepare_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run_analyze(cfg: AnalyzeConfig, *, on_batch: Callable[[int], None] | None = None) -> Analysis:

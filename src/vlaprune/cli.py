@@ -14,13 +14,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .config import AnalyzeConfig
 
-COMMANDS = {"analyze": "one calibration pass → per-stack CKA matrices, heatmaps and analysis.json"}
+COMMANDS = {
+    "analyze": "one calibration pass → per-stack CKA matrices, heatmaps and analysis.json",
+    "prune": "analyse, plan, remove blocks, verify → a pruned LeRobot checkpoint with prune_manifest.json",
+}
 
 
 def _usage() -> str:
     lines = ["usage: vlaprune <command> [--flags]", "", "commands:"]
     lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
-    lines += ["", "example: vlaprune analyze --policy.path=tiny:pi0 --dataset.repo_id=synthetic --out=/tmp/x"]
+    lines += ["", "examples:",
+              "  vlaprune analyze --policy.path=tiny:pi0 --dataset.repo_id=synthetic --out=/tmp/x",
+              "  vlaprune prune --policy.path=tiny:smolvla --dataset.repo_id=synthetic --ratio=0.5 --out=/tmp/p"]
     return "\n".join(lines)
 
 
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _analyze(rest)
+        return _analyze(rest) if command == "analyze" else _prune(rest)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"vlaprune {command}: error: {err}", file=sys.stderr)
         return 1
@@ -59,6 +64,23 @@ def _analyze(args: list[str]) -> int:
         return 0
     print(adjacent_table(analysis))
     print(f"\nwrote {cfg.out}/analysis.json and {len(analysis.stacks)} heatmap(s) in {analysis.seconds:.1f} s")
+    return 0
+
+
+def _prune(args: list[str]) -> int:
+    import draccus
+    from tqdm import tqdm
+
+    from .config import PruneConfig
+    from .prune import run_prune
+    from .report import prune_summary
+
+    cfg = draccus.parse(config_class=PruneConfig, args=args)
+    total = len(cfg.calibration.calibration().batch_sizes)
+    with tqdm(total=total, desc="calibration batches", unit="batch", disable=not sys.stderr.isatty()) as bar:
+        result = run_prune(cfg, on_batch=bar.update)
+    print(prune_summary(result.manifest))
+    print(f"\nwrote {result.out} (train it with: lerobot-train --policy.path={result.out} ...)")
     return 0
 
 

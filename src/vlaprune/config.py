@@ -83,3 +83,55 @@ class AnalyzeConfig:
                 f"of {smallest} sample(s) gives {smallest}. Raise --calibration.num_samples / batch_size "
                 "or use --cka.debiased=false"
             )
+
+
+@dataclass
+class PlanArgs:
+    method: str = "cka-dp"  # cka-dp | cka-run | bi | angular | first-k | random
+    ratio: float | None = None  # fraction of blocks removed per stack (the paper goes up to 0.5)
+    keep: dict[str, int] | None = None  # explicit keep count per stack, e.g. '{vlm: 4, expert: 4}'
+    threshold: float | None = None  # the data decides: shallowest plan whose cka-dp cost <= threshold
+    kept: dict[str, list[int]] | None = None  # explicit plan: kept ORIGINAL indices per stack
+    refine: int = 4  # measure the real damage of this many candidate plans, keep the least damaging (0 = off)
+    protect: list[int] = field(default_factory=list)  # block indices never removed (in every stack)
+    run_threshold: float | None = None  # cka-run: similarity that makes blocks twins
+    seed: int = 0
+
+
+@dataclass
+class PruneConfig:
+    policy: PolicyArgs = field(default_factory=PolicyArgs)
+    dataset: DatasetArgs = field(default_factory=DatasetArgs)
+    calibration: CalibrationArgs = field(default_factory=CalibrationArgs)
+    cka: CKAArgs = field(default_factory=CKAArgs)
+    plan: PlanArgs = field(default_factory=PlanArgs)
+    ratio: float | None = None  # shortcut for --plan.ratio
+    analysis: str | None = None  # reuse an analysis.json of this policy instead of a calibration pass
+    holdout_samples: int = 8  # held-out calibration samples for refine and verify
+    tolerance: float = 1e-4  # verify: pruned vs source-with-blocks-skipped, relative to output scale
+    out: str | None = None
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.policy.path:
+            raise ValueError("--policy.path is required (a checkpoint dir, a hub id, or e.g. tiny:smolvla)")
+        if not self.dataset.repo_id:
+            raise ValueError("--dataset.repo_id is required (a LeRobotDataset, or 'synthetic' for built-ins)")
+        if not self.out:
+            raise ValueError("--out is required: the directory that receives the pruned checkpoint")
+        if self.ratio is not None:
+            if self.plan.ratio is not None and self.plan.ratio != self.ratio:
+                raise ValueError(f"--ratio={self.ratio} and --plan.ratio={self.plan.ratio} disagree; give one")
+            self.plan.ratio = self.ratio
+        budgets = [n for n in ("ratio", "keep", "threshold", "kept") if getattr(self.plan, n) is not None]
+        if len(budgets) != 1:
+            raise ValueError(
+                "give exactly one budget: --ratio (fraction of blocks removed, e.g. 0.5), --plan.keep "
+                f"(blocks kept per stack), --plan.threshold (max cka-dp cost) or --plan.kept (explicit plan); "
+                f"got {budgets or 'none'}"
+            )
+        if self.holdout_samples < 1:
+            raise ValueError(f"--holdout_samples must be >= 1, got {self.holdout_samples}")
+        if self.plan.refine < 0:
+            raise ValueError(f"--plan.refine must be >= 0, got {self.plan.refine}")
+        self.cka.config()

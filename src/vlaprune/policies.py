@@ -54,14 +54,18 @@ def _load_pretrained(path: str, *, local: bool) -> PolicyBundle:
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 
+    from .checkpoint import check_manifest, read_manifest
     from .families import family_for
 
     config = PreTrainedConfig.from_pretrained(path)
-    family_for(config.type)  # unsupported types fail here, listing the supported ones
+    family = family_for(config.type)  # unsupported types fail here, listing the supported ones
     policy_cls = get_policy_class(config.type)
     policy = policy_cls.from_pretrained(path, config=config)
     if local:
         check_weights_match(policy, Path(path) / "model.safetensors")
+        manifest = read_manifest(Path(path))
+        if manifest is not None:
+            check_manifest(policy, family, manifest, Path(path))
     preprocessor, postprocessor = make_pre_post_processors(config, pretrained_path=path)
     return PolicyBundle(spec=path, policy=policy, preprocessor=preprocessor, postprocessor=postprocessor)
 

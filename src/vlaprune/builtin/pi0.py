@@ -52,6 +52,9 @@ Size = Literal["tiny", "real"]
 VARIANTS: tuple[str, ...] = ("pi0", "pi05")
 SIZES: tuple[str, ...] = ("tiny", "real")
 
+# Attribute that build() sets on tiny policies ("tiny"); see builtin_architecture().
+BUILTIN_ARCHITECTURE_ATTR = "vlaprune_builtin_architecture"
+
 # Bump when the generated tokenizer directory's layout changes, so old caches are not reused.
 _FORMAT_VERSION = 1
 
@@ -138,6 +141,7 @@ def build(variant: Variant, size: Size, *, seed: int = 0) -> PolicyBundle:
     if size == "tiny":
         spread_linear_weights(policy, seed=seed)
         perturb_parameters(policy, seed=seed)
+        setattr(policy, BUILTIN_ARCHITECTURE_ATTR, "tiny")
     policy.eval()
 
     features = {**config.input_features, **config.output_features}
@@ -184,6 +188,52 @@ def tiny_architecture(variant: Variant) -> Iterator[None]:
         PiGemmaForCausalLM=_shrink_before(modeling.PiGemmaForCausalLM, _shrink_expert_config),
     ):
         yield
+
+
+def builtin_architecture(policy: Any) -> str | None:
+    """``"tiny"`` if ``policy`` (a pi0/pi0.5, pruned or not) has the tiny architecture, None if LeRobot's stock one.
+
+    Measured from the HF configs the modules were built from (VLM, expert and SigLIP widths), so it
+    holds for any copy of the policy; the mark :func:`build` leaves on tiny policies is cross-checked.
+    Pruned policies (``pi0_pruned``/``pi05_pruned``) can also answer from
+    ``config.builtin_architecture``. Call it outside :func:`tiny_architecture` (it reads the stock
+    ``get_gemma_config``).
+    """
+    from transformers import CONFIG_MAPPING
+
+    config = policy.config
+    modeling = importlib.import_module(f"lerobot.policies.{_variant_of(config)}.modeling_{_variant_of(config)}")
+    pwe = policy.model.paligemma_with_expert
+    text, vision = pwe.paligemma.config.text_config, pwe.paligemma.config.vision_config
+    expert = pwe.gemma_expert.config
+    measured = (text.hidden_size, text.intermediate_size, expert.hidden_size, expert.intermediate_size,
+                vision.hidden_size)
+    vlm_name, expert_name = config.paligemma_variant, config.action_expert_variant
+    tiny = (_TINY_GEMMA[vlm_name]["width"], _TINY_GEMMA[vlm_name]["mlp_dim"], _TINY_GEMMA[expert_name]["width"],
+            _TINY_GEMMA[expert_name]["mlp_dim"], _TINY_VISION["hidden_size"])
+    stock_vlm, stock_expert = modeling.get_gemma_config(vlm_name), modeling.get_gemma_config(expert_name)
+    stock = (stock_vlm.width, stock_vlm.mlp_dim, stock_expert.width, stock_expert.mlp_dim,
+             CONFIG_MAPPING["paligemma"]().vision_config.hidden_size)
+    if measured == tiny:
+        found: str | None = "tiny"
+    elif measured == stock:
+        found = None
+    else:
+        raise ValueError(
+            f"{config.type} policy with (VLM width, VLM mlp, expert width, expert mlp, SigLIP width) = {measured}: "
+            f"neither LeRobot's stock architecture {stock} nor vlaprune's tiny one {tiny}"
+        )
+    marked = getattr(policy, BUILTIN_ARCHITECTURE_ATTR, found)
+    if marked != found:
+        raise ValueError(f"policy marked as built with the {marked!r} architecture has the shapes of {found!r}")
+    return found
+
+
+def _variant_of(config: Any) -> str:
+    """``"pi0"`` or ``"pi05"`` for a pi0/pi0.5 config (pruned types included)."""
+    from lerobot.policies.pi05.configuration_pi05 import PI05Config
+
+    return "pi05" if isinstance(config, PI05Config) else "pi0"
 
 
 def paligemma_tokenizer_dir(size: Size) -> Path:

@@ -87,6 +87,11 @@ class FlowRunner(Protocol):
         """Run the action expert on the noisy chunk ``x_t`` at flow time ``t``; return the velocity."""
         ...
 
+    def inputs(self, policy: Any, batch: dict[str, Any]) -> tuple[Any, ...]:
+        """The observation inputs of ``policy.model.forward`` / ``sample_actions`` (images, masks,
+        language tokens and mask, and the state where the family takes it there)."""
+        ...
+
 
 class Surgeon(Protocol):
     """How a family expresses a pruned policy: its config, and a fresh (untrained) policy of that config.
@@ -210,6 +215,16 @@ def family_for(policy_or_type: Any) -> Family:
         ) from None
 
 
-def fixed_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
-    """Standard normal noise from a seeded CPU generator (same values on every device)."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+@torch.no_grad()
+def flow_loss(family: Family, policy: Any, batch: dict[str, Any], noise: Tensor, time: Tensor) -> Tensor:
+    """LeRobot's per-element flow-matching training loss (batch, chunk, max_action_dim), fixed noise/time."""
+    assert family.runner is not None
+    actions = policy.prepare_action(batch)
+    return policy.model.forward(*family.runner.inputs(policy, batch), actions, noise, time)
+
+
+@torch.no_grad()
+def action_chunk(family: Family, policy: Any, batch: dict[str, Any], noise: Tensor) -> Tensor:
+    """A sampled action chunk (batch, chunk, max_action_dim) from fixed noise: prefix + all denoising steps."""
+    assert family.runner is not None
+    return policy.model.sample_actions(*family.runner.inputs(policy, batch), noise=noise)

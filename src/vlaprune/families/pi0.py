@@ -9,11 +9,12 @@ the norms, which both the joint and the cached paths call.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
 
-from .base import Family, PrefixPass, StackSpec, register_family
+from .base import Family, PrefixPass, StackSpec, Surgeon, family_for, register_family
 
 _VLM = "model.paligemma_with_expert.paligemma.model.language_model"
 _EXPERT = "model.paligemma_with_expert.gemma_expert.model"
@@ -55,6 +56,14 @@ class PiRunner:
         extra = {"state": policy.prepare_state(batch)} if self.state_in_suffix else {}
         return PrefixPass(pad_mask=pad_mask, cache=cache, actions=actions, extra=extra)
 
+    def inputs(self, policy: Any, batch: dict[str, Any]) -> tuple[Any, ...]:
+        from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
+        images, img_masks = policy._preprocess_images(batch)
+        lang = (batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK])
+        state = (policy.prepare_state(batch),) if self.state_in_suffix else ()
+        return (images, img_masks, *lang, *state)
+
     def expert(self, policy: Any, prefix: PrefixPass, x_t: Tensor, t: Tensor) -> Tensor:
         kwargs = {"state": prefix.extra["state"]} if self.state_in_suffix else {}
         # denoise_step clones the cache, so the prefix cache is reused unchanged across timesteps
@@ -63,10 +72,12 @@ class PiRunner:
         )
 
 
-def _pi_family(name: str, state_in_suffix: bool, expert_note: str) -> Family:
+def _pi_family(
+    name: str, state_in_suffix: bool, expert_note: str, policy_types: tuple[str, ...], surgeon: Surgeon | None = None
+) -> Family:
     return Family(
         name=name,
-        policy_types=(name,),
+        policy_types=policy_types,
         stacks=(
             StackSpec("vlm", f"{_VLM}.layers", f"{_VLM}.norm", description="PaliGemma (Gemma 2B) layers"),
             StackSpec("expert", f"{_EXPERT}.layers", f"{_EXPERT}.norm", description=expert_note),
@@ -80,8 +91,74 @@ def _pi_family(name: str, state_in_suffix: bool, expert_note: str) -> Family:
             "renumber self_attn.layer_idx and set num_hidden_layers on both HF configs after pruning",
         ),
         runner=PiRunner(state_in_suffix=state_in_suffix),
+        surgeon=surgeon,
     )
 
 
-PI0 = register_family(_pi_family("pi0", True, "Gemma 300M action-expert layers"))
-PI05 = register_family(_pi_family("pi05", False, "Gemma 300M action-expert layers with AdaRMS norms"))
+class PiSurgeon:
+    """A pruned pi0 / pi0.5 is a ``pi0_pruned`` / ``pi05_pruned`` policy (plugin ``lerobot_policy_vlaprune``).
+
+    Its config is the source's, every field copied, plus ``kept_layers`` (original indices, the same
+    for both stacks), ``source_num_layers`` and ``builtin_architecture``. Pruning a pruned policy
+    composes: positions in the pruned policy map back to indices of the ORIGINAL model.
+    """
+
+    def pruned_config(self, policy: Any, kept: Mapping[str, Sequence[int]]) -> Any:
+        import copy
+        import dataclasses
+
+        from lerobot_policy_vlaprune import PI0PrunedConfig, PI05PrunedConfig
+
+        from ..builtin.pi0 import builtin_architecture
+
+        missing = {"vlm", "expert"} - set(kept)
+        if missing:
+            raise ValueError(f"pi0 surgery needs kept layers for stacks 'vlm' and 'expert'; missing {sorted(missing)}")
+        positions, expert = list(kept["vlm"]), list(kept["expert"])
+        if positions != expert:
+            raise ValueError(f"pi0 stacks are lockstep: kept vlm {positions} and expert {expert} must be equal")
+        family = family_for(policy)
+        depths = family.depths(policy)
+        if depths["vlm"] != depths["expert"]:
+            raise ValueError(f"pi0 stacks of unequal depth {depths}: the training forward zips them strictly")
+        depth = depths["vlm"]
+        if not positions or positions != sorted(set(positions)) or not 0 <= positions[0] <= positions[-1] < depth:
+            raise ValueError(
+                f"kept layers {positions} must be non-empty, sorted, unique indices in range({depth}) of this policy"
+            )
+        source = policy.config
+        if isinstance(source, PI0PrunedConfig | PI05PrunedConfig):
+            # positions index the pruned policy's layers; map them to the original model
+            original = [source.kept_layers[i] for i in positions]
+            source_num_layers, architecture = source.source_num_layers, source.builtin_architecture
+        else:
+            original, source_num_layers, architecture = positions, depth, builtin_architecture(policy)
+        target = PI05PrunedConfig if family.name == "pi05" else PI0PrunedConfig
+        skip = {"kept_layers", "source_num_layers", "builtin_architecture"}
+        fields = dataclasses.fields(source)
+        values = {f.name: copy.deepcopy(getattr(source, f.name)) for f in fields if f.init and f.name not in skip}
+        config = target(
+            **values, kept_layers=original, source_num_layers=source_num_layers, builtin_architecture=architecture
+        )
+        for f in fields:  # fields not set by __init__, if any
+            if not f.init and f.name not in skip:
+                setattr(config, f.name, copy.deepcopy(getattr(source, f.name)))
+        return config
+
+    def build(self, config: Any) -> Any:
+        import torch
+        from lerobot_policy_vlaprune import PI05PrunedConfig
+        from lerobot_policy_vlaprune.modeling_pi0_pruned import PI0PrunedPolicy
+        from lerobot_policy_vlaprune.modeling_pi05_pruned import PI05PrunedPolicy
+
+        policy_cls = PI05PrunedPolicy if isinstance(config, PI05PrunedConfig) else PI0PrunedPolicy
+        return policy_cls(config).to(device="cpu", dtype=torch.float32)
+
+
+PI0 = register_family(
+    _pi_family("pi0", True, "Gemma 300M action-expert layers", ("pi0", "pi0_pruned"), surgeon=PiSurgeon())
+)
+PI05 = register_family(
+    _pi_family("pi05", False, "Gemma 300M action-expert layers with AdaRMS norms", ("pi05", "pi05_pruned"),
+               surgeon=PiSurgeon())
+)

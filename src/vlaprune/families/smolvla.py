@@ -51,6 +51,13 @@ class SmolVLARunner:
         )
         return PrefixPass(pad_mask=pad_mask, cache=cache, actions=actions)
 
+    def inputs(self, policy: Any, batch: dict[str, Any]) -> tuple[Any, ...]:
+        from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
+        images, img_masks = policy.prepare_images(batch)
+        lang = (batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK])
+        return (images, img_masks, *lang, policy.prepare_state(batch))
+
     def expert(self, policy: Any, prefix: PrefixPass, x_t: Tensor, t: Tensor) -> Tensor:
         # (batch, chunk, max_action_dim) velocity; denoise_step crops the cache back to the prefix
         return policy.model.denoise_step(

@@ -1,0 +1,235 @@
+"""Shared by ``pi0_pruned`` and ``pi05_pruned``: config validation, construction and strict loading.
+
+pi0 and pi0.5 take their depth from ``get_gemma_config`` (18 layers, not a config field), so a pruned
+policy is built as the stock structure and then cut: both stacks keep their first K modules, which
+were constructed with ``self_attn.layer_idx`` = 0..K-1 (exactly the renumbering the KV cache needs:
+expert layer i reads the cache slot of VLM layer i), and ``num_hidden_layers`` = K is set on every
+HF config that holds the depth (``PiGemmaModel.forward`` runs ``layers[:config.num_hidden_layers]``).
+The caller then loads the kept weights, renumbered 0..K-1.
+
+Loading is strict: LeRobot's ``PI0Policy.from_pretrained`` prints a warning and returns the policy
+with random layers when the state dict does not fit; here any missing, unexpected or reshaped tensor
+raises :class:`PrunedCheckpointError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Dotted paths (from the policy) of the two ``PiGemmaModel``s whose ``layers`` are pruned in lockstep.
+VLM_MODEL = "model.paligemma_with_expert.paligemma.model.language_model"
+EXPERT_MODEL = "model.paligemma_with_expert.gemma_expert.model"
+STACK_MODELS = (VLM_MODEL, EXPERT_MODEL)
+
+# ``builtin_architecture`` values: None = LeRobot's stock architecture; "tiny" = built under
+# ``vlaprune.builtin.pi0.tiny_architecture`` (vlaprune's offline test models).
+BUILTIN_ARCHITECTURES: tuple[str | None, ...] = (None, "tiny")
+
+SAFETENSORS_FILE = "model.safetensors"
+
+class PrunedCheckpointError(ValueError):
+    """A pruned checkpoint whose tensors do not fit the policy its config builds."""
+
+
+def validate_pruned_fields(config: Any) -> None:
+    """Check ``kept_layers``, ``source_num_layers`` and ``builtin_architecture`` of a pruned config.
+
+    Called from the configs' ``__post_init__`` so a bad ``config.json`` or command-line override fails
+    at parse time, naming the field and the fix, instead of building a wrong model.
+    """
+    name = type(config).__name__
+    depth = config.source_num_layers
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(
+            f"{name}.source_num_layers={depth!r}: must be a positive integer, the depth of the unpruned "
+            "source model (18 for stock pi0/pi0.5)"
+        )
+    kept = config.kept_layers
+    if not isinstance(kept, list | tuple) or not kept:
+        raise ValueError(
+            f"{name}.kept_layers={kept!r}: list the ORIGINAL indices (0..{depth - 1}) of the source layers to "
+            "keep, e.g. [0, 1, 2, 5]; vlaprune's surgery writes this list"
+        )
+    bad = [i for i in kept if isinstance(i, bool) or not isinstance(i, int)]
+    if bad:
+        raise ValueError(f"{name}.kept_layers holds non-integers {bad}: give original layer indices as integers")
+    outside = [i for i in kept if not 0 <= i < depth]
+    if outside:
+        raise ValueError(
+            f"{name}.kept_layers={list(kept)} has {outside} outside range({depth}) (source_num_layers={depth}): "
+            "use indices of the unpruned source, or set source_num_layers to its depth"
+        )
+    duplicates = sorted({i for i in kept if list(kept).count(i) > 1})
+    if duplicates:
+        raise ValueError(f"{name}.kept_layers={list(kept)} repeats {duplicates}: each source layer is kept once")
+    if list(kept) != sorted(kept):
+        raise ValueError(
+            f"{name}.kept_layers={list(kept)} is not sorted: kept layers stay in their original order, "
+            f"write {sorted(kept)}"
+        )
+    if config.builtin_architecture not in BUILTIN_ARCHITECTURES:
+        raise ValueError(
+            f"{name}.builtin_architecture={config.builtin_architecture!r}: must be null (LeRobot's stock "
+            "architecture) or \"tiny\" (vlaprune's offline tiny architecture)"
+        )
+    config.kept_layers = list(kept)
+
+
+def architecture(config: Any, variant: str) -> AbstractContextManager[Any]:
+    """The context under which the stock ``PI0Policy``/``PI05Policy`` builds ``config``'s architecture."""
+    if config.builtin_architecture == "tiny":
+        from vlaprune.builtin.pi0 import tiny_architecture
+
+        return tiny_architecture(variant)
+    return nullcontext()
+
+
+def cut_stacks(policy: nn.Module, config: Any) -> None:
+    """Keep the first ``K = len(config.kept_layers)`` layers of both stacks; set the depth to K.
+
+    Freshly built layers carry ``self_attn.layer_idx`` = their position, so the survivors are already
+    numbered 0..K-1. Every HF config object that stores the depth is updated (the PaliGemma config's
+    ``text_config`` is the language model's config; the expert's ``GemmaForCausalLM`` shares its
+    config with its inner model), and nothing else in LeRobot 0.6.1 sizes anything by depth (the KV
+    cache is a ``DynamicCache`` that grows per layer index).
+    """
+    keep = len(config.kept_layers)
+    for path in STACK_MODELS:
+        model = _resolve(policy, path)
+        layers = model.layers
+        if len(layers) != config.source_num_layers:
+            raise ValueError(
+                f"{type(config).__name__}.source_num_layers={config.source_num_layers}, but the "
+                f"{config.builtin_architecture or 'stock'} architecture builds {len(layers)} layers at {path}: "
+                "set source_num_layers to the depth of the unpruned source (and builtin_architecture to match it)"
+            )
+        del layers[keep:]
+        for new_idx, layer in enumerate(layers):
+            assert layer.self_attn.layer_idx == new_idx, (path, new_idx, layer.self_attn.layer_idx)
+    pwe = _resolve(policy, "model.paligemma_with_expert")
+    configs = [
+        pwe.paligemma.config.text_config,
+        pwe.paligemma.model.config.text_config,
+        _resolve(policy, VLM_MODEL).config,
+        pwe.gemma_expert.config,
+        _resolve(policy, EXPERT_MODEL).config,
+    ]
+    for hf_config in {id(c): c for c in configs}.values():
+        hf_config.num_hidden_layers = keep
+
+
+def load_pretrained_strict[P: nn.Module](
+    cls: type[P],
+    pretrained_name_or_path: str | Path,
+    *,
+    config: Any | None,
+    force_download: bool,
+    resume_download: bool | None,
+    proxies: dict[str, Any] | None,
+    token: str | bool | None,
+    cache_dir: str | Path | None,
+    local_files_only: bool,
+    revision: str | None,
+    strict: bool,
+    **kwargs: Any,
+) -> P:
+    """``cls.from_pretrained``: build the pruned policy from its config, then load every tensor exactly.
+
+    The safetensors file is loaded as written, with no key fixing: LeRobot's
+    ``_fix_pytorch_state_dict_keys`` adapts checkpoints converted from openpi (unprefixed keys,
+    ``time_mlp_*`` names, embeddings tied to ``lm_head``), while pruned checkpoints are written by
+    ``save_pretrained`` with the policy's exact keys, so a plain round trip is already exact. (Its
+    ``lm_head`` → embeddings copy is a no-op on such files only because the file's own embedding
+    tensor comes later in sorted key order; relying on that would be fragile.)
+    """
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.utils.device_utils import resolve_safetensors_device
+    from safetensors.torch import load_model
+
+    if not strict:
+        raise ValueError(
+            f"{cls.__name__}.from_pretrained(strict=False) is not supported: a pruned checkpoint loads "
+            "exactly or not at all (a partial load would leave random layers)"
+        )
+    hub: dict[str, Any] = {
+        "force_download": force_download, "resume_download": resume_download, "proxies": proxies,
+        "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only, "revision": revision,
+    }
+    if config is None:
+        config = PreTrainedConfig.from_pretrained(pretrained_name_or_path, **hub, **kwargs)
+    expected_cls = cls.config_class  # type: ignore[attr-defined]
+    if not isinstance(config, expected_cls):
+        raise TypeError(
+            f"{pretrained_name_or_path}: config of type {getattr(config, 'type', type(config).__name__)!r}, but "
+            f"{cls.__name__} loads {cls.name!r} checkpoints"  # type: ignore[attr-defined]
+        )
+    policy = cls(config, **kwargs)
+    weights = _weights_file(pretrained_name_or_path, hub)
+    check_checkpoint(policy, weights)
+    # strict=True here as well: load_model raises on anything check_checkpoint could have missed
+    load_model(policy, str(weights), strict=True, device=resolve_safetensors_device(config.device))
+    policy.to(config.device)
+    policy.eval()
+    logger.info("loaded %s (%d of %d source layers kept) from %s", config.type, len(config.kept_layers),
+                config.source_num_layers, pretrained_name_or_path)
+    return policy
+
+
+def check_checkpoint(policy: nn.Module, weights: Path) -> None:
+    """Raise :class:`PrunedCheckpointError` unless ``weights`` covers ``policy``'s state dict exactly.
+
+    Tensors that share storage in the policy (tied weights, saved once by ``save_model``) count as
+    present when any of their names is in the file.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    state = policy.state_dict()
+    expected = {key: tuple(t.shape) for key, t in state.items()}
+    aliases: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+    for key, tensor in state.items():
+        aliases.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)),
+                           []).append(key)
+    covered = {key for group in aliases.values() if any(k in saved for k in group) for key in group}
+    missing = sorted(set(expected) - set(saved) - covered)
+    unexpected = sorted(set(saved) - set(expected))
+    reshaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+    if missing or unexpected or reshaped:
+        details = "; ".join(
+            f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("with other shapes", reshaped))
+            if keys
+        )
+        raise PrunedCheckpointError(
+            f"{weights} does not match the {getattr(policy.config, 'type', '')} policy its config builds: "
+            f"{details}. Loading it would leave random or wrong layers; check kept_layers / source_num_layers "
+            "in config.json against the tensors (layers must be numbered 0..K-1)"
+        )
+
+
+def _weights_file(pretrained_name_or_path: str | Path, hub: dict[str, Any]) -> Path:
+    """The checkpoint's ``model.safetensors``: in the directory, or downloaded from the hub."""
+    if os.path.isdir(pretrained_name_or_path):
+        path = Path(pretrained_name_or_path) / SAFETENSORS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: a pruned checkpoint directory needs {SAFETENSORS_FILE}")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id=str(pretrained_name_or_path), filename=SAFETENSORS_FILE, **hub))
+
+
+def _resolve(root: nn.Module, dotted: str) -> Any:
+    obj: Any = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj

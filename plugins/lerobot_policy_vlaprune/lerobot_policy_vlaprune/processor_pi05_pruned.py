@@ -1,0 +1,13 @@
+"""Processors of ``pi05_pruned``: the stock pi05 ones (pruning changes no input or output).
+
+LeRobot resolves ``make_<type>_pre_post_processors`` in the ``processor_*`` sibling of the config
+module when it builds processors from a config alone (checkpoints bring their own processor JSONs).
+"""
+
+from __future__ import annotations
+
+from lerobot.policies.pi05.processor_pi05 import make_pi05_pre_post_processors
+
+make_pi05_pruned_pre_post_processors = make_pi05_pre_post_processors
+
+__all__ = ["make_pi05_pruned_pre_post_processors"]

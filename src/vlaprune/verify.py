@@ -1,0 +1,106 @@
+"""Check a pruned policy against its source, and measure what a plan costs before any surgery.
+
+Both use :func:`vlaprune.surgery.skip_blocks`: the source run with the removed blocks made exact
+identities. ``verify_pruned`` demands that the pruned policy equals that reference (loss at fixed
+noise and time, action chunk at fixed noise) within float32 tolerance; ``plan_damage`` measures how
+far that reference's action chunks move from the full source's, the real damage of a plan without
+training, used to choose between candidate plans.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .families.base import Family, action_chunk, flow_loss
+from .surgery import skip_blocks
+
+logger = logging.getLogger(__name__)
+
+
+class VerificationError(RuntimeError):
+    """The pruned policy does not compute what the source computes with the removed blocks skipped."""
+
+
+def removed_blocks(family: Family, policy: Any, kept: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    depths = family.depths(policy)
+    return {name: [i for i in range(depths[name]) if i not in set(kept[name])] for name in depths}
+
+
+def _noise_and_time(policy: Any, batch: dict[str, Any], seed: int) -> tuple[Tensor, Tensor]:
+    actions = policy.prepare_action(batch)  # (batch, chunk, max_action_dim)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(actions.shape, generator=gen).to(actions.device)
+    time = (torch.rand(actions.shape[0], generator=gen) * 0.9 + 0.05).to(actions.device)
+    return noise, time
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    loss_max_abs_diff: float
+    chunk_max_abs_diff: float
+    tolerance: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"loss_max_abs_diff": self.loss_max_abs_diff, "chunk_max_abs_diff": self.chunk_max_abs_diff,
+                "tolerance": self.tolerance}
+
+
+def verify_pruned(
+    source: Any,
+    pruned: Any,
+    family: Family,
+    kept: Mapping[str, Sequence[int]],
+    batch: dict[str, Any],
+    *,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> VerifyReport:
+    """Pruned outputs must equal the source's with the removed blocks skipped (relative to output scale)."""
+    noise, time = _noise_and_time(source, batch, seed)
+    with skip_blocks(source, family, removed_blocks(family, source, kept)):
+        ref_loss = flow_loss(family, source, batch, noise, time)
+        ref_chunk = action_chunk(family, source, batch, noise)
+    loss = flow_loss(family, pruned, batch, noise, time)
+    chunk = action_chunk(family, pruned, batch, noise)
+    report = VerifyReport(
+        loss_max_abs_diff=float((loss - ref_loss).abs().max()),
+        chunk_max_abs_diff=float((chunk - ref_chunk).abs().max()),
+        tolerance=tolerance,
+    )
+    loss_scale = float(ref_loss.abs().max()) + 1.0
+    chunk_scale = float(ref_chunk.abs().max()) + 1.0
+    if report.loss_max_abs_diff > tolerance * loss_scale or report.chunk_max_abs_diff > tolerance * chunk_scale:
+        raise VerificationError(
+            f"pruned {family.name} policy differs from the source with the removed blocks skipped: "
+            f"loss max |diff| {report.loss_max_abs_diff:.3g}, action chunk max |diff| "
+            f"{report.chunk_max_abs_diff:.3g} (tolerance {tolerance} relative to output scale). "
+            "This is a surgery bug: please report it with the plan."
+        )
+    logger.info("verified: loss max |diff| %.3g, chunk max |diff| %.3g", report.loss_max_abs_diff,
+                report.chunk_max_abs_diff)
+    return report
+
+
+@torch.no_grad()
+def plan_damage(
+    source: Any, family: Family, kept: Mapping[str, Sequence[int]], batches: Iterable[dict[str, Any]], *, seed: int = 0
+) -> float:
+    """Relative action-chunk deviation ``||a_skip − a_full|| / ||a_full||`` over held-out batches, fixed noise."""
+    removed = removed_blocks(family, source, kept)
+    num = den = 0.0
+    for index, batch in enumerate(batches):
+        noise, _ = _noise_and_time(source, batch, seed + index)
+        full = action_chunk(family, source, batch, noise)
+        with skip_blocks(source, family, removed):
+            skipped = action_chunk(family, source, batch, noise)
+        num += float((skipped - full).square().sum())
+        den += float(full.square().sum())
+    if den == 0.0:
+        raise ValueError("the source policy's action chunks are all zero; cannot measure damage")
+    return (num / den) ** 0.5

@@ -1,0 +1,145 @@
+"""``vlaprune prune`` end to end: verified checkpoints that reload exactly and that stock
+``lerobot-train`` trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlaprune import load_policy
+from vlaprune.cli import main
+from vlaprune.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
+from vlaprune.families import family_for
+from vlaprune.prune import run_prune
+
+from .conftest import TINY_SPECS
+from .flow import batch, loss_and_chunk
+from .lerobot_data import make_dataset
+
+METHODS = ("cka-dp", "cka-run", "bi", "angular", "first-k", "random")
+
+
+def _cfg(out, spec="tiny:smolvla", method="cka-dp", repo_id="synthetic", root=None, **plan):
+    plan = {"ratio": 0.5, **plan} if not {"keep", "kept", "threshold"} & set(plan) else plan
+    return PruneConfig(policy=PolicyArgs(path=spec), dataset=DatasetArgs(repo_id=repo_id, root=root),
+                       calibration=CalibrationArgs(num_samples=4, batch_size=2), holdout_samples=2,
+                       plan=PlanArgs(method=method, **plan), out=str(out))
+
+
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_prune_writes_a_checkpoint_that_reloads_identically(tmp_path, spec):
+    result = run_prune(_cfg(tmp_path / "p", spec))
+    manifest = json.loads((tmp_path / "p" / "prune_manifest.json").read_text())
+    assert manifest["family"] == family_for(spec.split(":")[1]).name
+    for name, stack in manifest["stacks"].items():
+        assert len(stack["kept"]) == 4 and len(stack["removed"]) == 4, name
+        assert sorted(stack["kept"] + stack["removed"]) == list(range(8))
+    assert manifest["stacks"]["vlm"]["kept"] == manifest["stacks"]["expert"]["kept"]  # lockstep
+    assert manifest["verify"]["loss_max_abs_diff"] < 1e-4
+    assert manifest["chunk_linear_flops"]["predicted_time_ratio"] < 1
+    assert {"policy_preprocessor.json", "policy_postprocessor.json", "config.json", "model.safetensors"} <= {
+        p.name for p in (tmp_path / "p").iterdir()}
+
+    source = load_policy(spec)
+    reloaded = load_policy(str(tmp_path / "p"))
+    assert family_for(reloaded.policy).depths(reloaded.policy) == {"vlm": 4, "expert": 4}
+    data = batch(source)
+    from vlaprune.surgery import skip_blocks
+
+    removed = {name: s["removed"] for name, s in manifest["stacks"].items()}
+    with skip_blocks(source.policy, family_for(source.policy), removed):
+        ref_loss, ref_chunk = loss_and_chunk(source.policy, data)
+    loss, chunk = loss_and_chunk(reloaded.policy, data)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunk, ref_chunk, rtol=1e-5, atol=1e-6)
+    assert result.plan.method in METHODS
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_gives_a_verified_smolvla_checkpoint(tmp_path, method):
+    result = run_prune(_cfg(tmp_path / method, method=method, refine=0))
+    assert result.manifest["method"] == method
+    kept = result.manifest["stacks"]["expert"]["kept"]
+    roles = ["self" if i % 2 == 0 else "cross" for i in range(8)]
+    assert [roles[k] for k in kept] == roles[: len(kept)]  # every kept block keeps its role
+
+
+def test_refine_records_candidates_and_keeps_the_least_damaging(tmp_path):
+    result = run_prune(_cfg(tmp_path / "p", refine=4))
+    candidates = result.manifest["candidates"]
+    assert 2 <= len(candidates) <= 4
+    chosen = [c for c in candidates if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["damage"] == min(c["damage"] for c in candidates)
+
+
+def test_explicit_plan_and_bad_plans(tmp_path):
+    kept = {"vlm": [0, 1, 2, 3, 4, 7], "expert": [0, 1, 2, 3, 4, 7]}
+    result = run_prune(_cfg(tmp_path / "ok", kept=kept))
+    assert result.manifest["method"] == "manual" and result.manifest["stacks"]["vlm"]["kept"] == kept["vlm"]
+    bad = {"vlm": [0, 2, 3, 5], "expert": [0, 2, 3, 5]}  # block 2 (self) would land at position 1 (cross)
+    with pytest.raises(ValueError, match="role"):
+        run_prune(_cfg(tmp_path / "bad", kept=bad))
+    with pytest.raises(ValueError, match="lockstep"):
+        run_prune(_cfg(tmp_path / "bad", kept={"vlm": [0, 1], "expert": [0, 3]}))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_prune_and_overwrite(tmp_path, capsys):
+    out = tmp_path / "p"
+    args = ["prune", "--policy.path=tiny:smolvla", "--dataset.repo_id=synthetic", "--ratio=0.5", f"--out={out}",
+            "--calibration.num_samples=4", "--holdout_samples=2"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "keep  4/8" in text and "predicted time ratio" in text
+    assert main(args) == 1 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite=true"]) == 0
+    assert main(["prune", "--policy.path=tiny:smolvla", "--dataset.repo_id=synthetic", f"--out={out}2"]) == 1
+    assert "exactly one budget" in capsys.readouterr().err
+
+
+def test_manifest_that_disagrees_with_weights_is_refused(tmp_path):
+    run_prune(_cfg(tmp_path / "p"))
+    path = tmp_path / "p" / "prune_manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["stacks"]["vlm"]["kept"] = [0, 1, 2]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="do not belong to this manifest"):
+        load_policy(str(tmp_path / "p"))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("spec", ["tiny:smolvla", "tiny:pi0"])
+def test_lerobot_train_trains_the_pruned_checkpoint(tmp_path, spec):
+    root = tmp_path / "ds"
+    make_dataset(root, episodes=3, frames=15)
+    pruned = tmp_path / "pruned"
+    run_prune(_cfg(pruned, spec, repo_id="local/calib", root=str(root)))
+    out = tmp_path / "train"
+    cmd = [str(Path(sys.executable).with_name("lerobot-train")), f"--policy.path={pruned}",
+           "--dataset.repo_id=local/calib", f"--dataset.root={root}", "--steps=2", "--batch_size=2",
+           "--save_freq=2", "--log_freq=1", "--num_workers=0", f"--output_dir={out}", "--policy.device=cpu",
+           "--policy.push_to_hub=false", "--wandb.enable=false", "--env_eval_freq=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=580)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ckpt = out / "checkpoints" / "000002" / "pretrained_model"
+    trained = load_policy(str(ckpt))
+    before = load_policy(str(pruned))
+    family = family_for(trained.policy)
+    assert family.depths(trained.policy) == family.depths(before.policy)
+    changed = [k for k, v in trained.policy.state_dict().items() if not torch.equal(v, before.policy.state_dict()[k])]
+    assert changed, "two training steps changed no weight"
+
+    from lerobot.policies.factory import get_policy_class
+
+    stock = get_policy_class(trained.policy.config.type).from_pretrained(str(ckpt))
+    stock.eval()
+    data = batch(trained)
+    for a, b in zip(loss_and_chunk(trained.policy, data), loss_and_chunk(stock, data), strict=True):
+        assert torch.equal(a, b)
