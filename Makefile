@@ -11,9 +11,13 @@ export MPLBACKEND := Agg
 $(PY):
 	@python=$$(scripts/find-python.sh) && echo "creating $(VENV) with $$python" && "$$python" -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+PLUGIN := plugins/lerobot_policy_vlaprune
+
+$(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[lerobot,dev]'
+	# LeRobot discovers installed lerobot_policy_* distributions: the pruned pi0 / pi0.5 types
+	$(PY) -m pip install --quiet -e $(PLUGIN) --no-deps
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,16 +25,16 @@ demo: $(STAMP)
 		--calibration.num_samples=16 --out=outputs/demo --overwrite=true
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks plugins
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q  # pyproject deselects slow and gpu tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks plugins
 	$(VENV)/bin/mypy
 
 bench-analyze: $(STAMP)
 	$(PY) benchmarks/analyze_overhead.py
 
 clean:
-	rm -rf $(VENV) outputs build *.egg-info src/*.egg-info
+	rm -rf $(VENV) outputs build *.egg-info src/*.egg-info plugins/*/*.egg-info

@@ -8,6 +8,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest
+import torch
+
+# Tiny models: one thread is faster than two, and immune to another job on the cores (two OpenMP
+# threads spin-waiting on a busy core made a tiny forward 100x slower).
+torch.set_num_threads(1)
 
 TINY_SPECS = ("tiny:smolvla", "tiny:pi0", "tiny:pi05")
 

@@ -26,8 +26,6 @@ from vlaprune.families import family_for
 from vlaprune.families.base import resolve
 from vlaprune.families.pi0 import PiSurgeon
 
-torch.set_num_threads(1)  # the CPU is shared: more threads only spin
-
 VARIANTS = ("pi0", "pi05")
 KEPT = [0, 2, 3, 5, 7]  # original indices, of 8 tiny layers
 REMOVED = [1, 4, 6]

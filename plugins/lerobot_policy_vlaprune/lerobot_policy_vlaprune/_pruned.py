@@ -88,7 +88,7 @@ def architecture(config: Any, variant: str) -> AbstractContextManager[Any]:
     if config.builtin_architecture == "tiny":
         from vlaprune.builtin.pi0 import tiny_architecture
 
-        return tiny_architecture(variant)
+        return tiny_architecture(variant)  # type: ignore[arg-type]
     return nullcontext()
 
 

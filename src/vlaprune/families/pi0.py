@@ -147,6 +147,7 @@ class PiSurgeon:
 
     def build(self, config: Any) -> Any:
         import torch
+
         from lerobot_policy_vlaprune import PI05PrunedConfig
         from lerobot_policy_vlaprune.modeling_pi0_pruned import PI0PrunedPolicy
         from lerobot_policy_vlaprune.modeling_pi05_pruned import PI05PrunedPolicy
