@@ -11,12 +11,12 @@ export MPLBACKEND := Agg
 $(PY):
 	@python=$$(scripts/find-python.sh) && echo "creating $(VENV) with $$python" && "$$python" -m venv $(VENV)
 
+# LeRobot discovers installed lerobot_policy_* distributions: the plugin holds the pruned pi0 / pi0.5 types
 PLUGIN := plugins/lerobot_policy_vlaprune
 
 $(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[lerobot,dev]'
-	# LeRobot discovers installed lerobot_policy_* distributions: the pruned pi0 / pi0.5 types
 	$(PY) -m pip install --quiet -e $(PLUGIN) --no-deps
 	@touch $(STAMP)
 

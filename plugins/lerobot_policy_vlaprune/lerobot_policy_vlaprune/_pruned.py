@@ -233,3 +233,43 @@ def _resolve(root: nn.Module, dotted: str) -> Any:
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+class PrunedPolicyMixin:
+    """What makes ``PI0PrunedPolicy`` / ``PI05PrunedPolicy`` pruned; mixed in before the stock policy class.
+
+    Construction builds the stock structure under the recorded architecture, then cuts both stacks to
+    the kept layers; ``from_pretrained`` loads strictly. Training, ``select_action`` and processors
+    stay the stock ones.
+    """
+
+    variant: str  # "pi0" or "pi05": which architecture patch a tiny built-in needs
+
+    def __init__(self, config: Any, **kwargs: Any) -> None:
+        with architecture(config, self.variant):
+            super().__init__(config, **kwargs)  # type: ignore[call-arg]
+        cut_stacks(self, config)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_name_or_path: str | Path,
+        *,
+        config: Any | None = None,
+        force_download: bool = False,
+        resume_download: bool | None = None,
+        proxies: dict[str, Any] | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Load a pruned checkpoint; any missing, unexpected or reshaped tensor raises."""
+        return load_pretrained_strict(
+            cls,  # type: ignore[type-var]
+            pretrained_name_or_path, config=config, force_download=force_download,
+            resume_download=resume_download, proxies=proxies, token=token, cache_dir=cache_dir,
+            local_files_only=local_files_only, revision=revision, strict=strict, **kwargs,
+        )

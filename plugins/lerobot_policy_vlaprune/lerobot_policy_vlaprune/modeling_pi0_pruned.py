@@ -7,46 +7,15 @@ strictly (see ``_pruned``). Training, ``select_action`` and processors are the s
 
 from __future__ import annotations
 
-import builtins
-from pathlib import Path
-from typing import Any
-
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
 
-from ._pruned import architecture, cut_stacks, load_pretrained_strict
+from ._pruned import PrunedPolicyMixin
 from .configuration_pi0_pruned import PI0PrunedConfig
 
 
-class PI0PrunedPolicy(PI0Policy):
+class PI0PrunedPolicy(PrunedPolicyMixin, PI0Policy):
     """A depth-pruned pi0: ``config.kept_layers`` (original indices) held as layers 0..K-1 of both stacks."""
 
     config_class = PI0PrunedConfig
     name = "pi0_pruned"
-
-    def __init__(self, config: PI0PrunedConfig, **kwargs: Any) -> None:
-        with architecture(config, "pi0"):
-            super().__init__(config, **kwargs)
-        cut_stacks(self, config)
-
-    @classmethod
-    def from_pretrained(
-        cls: builtins.type[PI0PrunedPolicy],
-        pretrained_name_or_path: str | Path,
-        *,
-        config: Any | None = None,
-        force_download: bool = False,
-        resume_download: bool | None = None,
-        proxies: dict[str, Any] | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | Path | None = None,
-        local_files_only: bool = False,
-        revision: str | None = None,
-        strict: bool = True,
-        **kwargs: Any,
-    ) -> PI0PrunedPolicy:
-        """Load a ``pi0_pruned`` checkpoint; any missing, unexpected or reshaped tensor raises."""
-        return load_pretrained_strict(
-            cls, pretrained_name_or_path, config=config, force_download=force_download,
-            resume_download=resume_download, proxies=proxies, token=token, cache_dir=cache_dir,
-            local_files_only=local_files_only, revision=revision, strict=strict, **kwargs,
-        )
+    variant = "pi0"
