@@ -58,6 +58,8 @@ def test_prune_writes_a_checkpoint_that_reloads_identically(tmp_path, spec):
     loss, chunk = loss_and_chunk(reloaded.policy, data)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunk, ref_chunk, rtol=1e-5, atol=1e-6)
+    mem_loss, mem_chunk = loss_and_chunk(result.pruned, data)  # the in-memory pruned policy: bit-identical
+    assert torch.equal(loss, mem_loss) and torch.equal(chunk, mem_chunk)
     assert result.plan.method in METHODS
 
 
@@ -119,7 +121,7 @@ def test_manifest_that_disagrees_with_weights_is_refused(tmp_path):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("spec", ["tiny:smolvla", "tiny:pi0"])
+@pytest.mark.parametrize("spec", TINY_SPECS)
 def test_lerobot_train_trains_the_pruned_checkpoint(tmp_path, spec):
     root = tmp_path / "ds"
     make_dataset(root, episodes=3, frames=15)

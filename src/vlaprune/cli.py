@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 COMMANDS = {
     "analyze": "one calibration pass → per-stack CKA matrices, heatmaps and analysis.json",
     "prune": "analyse, plan, remove blocks, verify → a pruned LeRobot checkpoint with prune_manifest.json",
+    "bench": "full vs pruned in one process: training step, action chunk, memory, FLOPs, measured ceiling",
 }
 
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _analyze(rest) if command == "analyze" else _prune(rest)
+        return {"analyze": _analyze, "prune": _prune, "bench": _bench}[command](rest)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"vlaprune {command}: error: {err}", file=sys.stderr)
         return 1
@@ -81,6 +82,31 @@ def _prune(args: list[str]) -> int:
         result = run_prune(cfg, on_batch=bar.update)
     print(prune_summary(result.manifest))
     print(f"\nwrote {result.out} (train it with: lerobot-train --policy.path={result.out} ...)")
+    return 0
+
+
+def _bench(args: list[str]) -> int:
+    import json
+
+    import draccus
+    from tqdm import tqdm
+
+    from .bench import bench_table, run_bench
+    from .config import BenchConfig
+
+    cfg = draccus.parse(config_class=BenchConfig, args=args)
+    with tqdm(total=cfg.rounds, desc="A/B rounds", unit="round", disable=not sys.stderr.isatty()) as bar:
+        result = run_bench(cfg, on_round=bar.update)
+    print(f"{result['policy']} vs {result['pruned_path'] or 'in-memory ' + result['method'] + ' plan'} "
+          f"on {result['machine']}, {result['dtype']}, median of {result['rounds']}")
+    print(bench_table(result))
+    line = json.dumps(result)
+    if cfg.out:
+        from pathlib import Path
+
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(line + "\n")
+    print(line)
     return 0
 
 

@@ -135,3 +135,45 @@ class PruneConfig:
         if self.plan.refine < 0:
             raise ValueError(f"--plan.refine must be >= 0, got {self.plan.refine}")
         self.cka.config()
+
+
+@dataclass
+class PrunedArgs:
+    path: str | None = None  # a pruned checkpoint (with prune_manifest.json) of --policy.path
+
+
+@dataclass
+class BenchConfig:
+    policy: PolicyArgs = field(default_factory=PolicyArgs)
+    pruned: PrunedArgs = field(default_factory=PrunedArgs)
+    dataset: DatasetArgs = field(default_factory=lambda: DatasetArgs(repo_id="synthetic"))
+    calibration: CalibrationArgs = field(default_factory=lambda: CalibrationArgs(num_samples=8))
+    cka: CKAArgs = field(default_factory=CKAArgs)
+    plan: PlanArgs = field(default_factory=lambda: PlanArgs(refine=0))  # used without --pruned.path
+    ratio: float | None = None  # shortcut for --plan.ratio
+    batch_size: int = 1  # observations per action chunk
+    train_batch_size: int = 2  # samples per training step (0 = no training step)
+    rounds: int = 3
+    warmup: int = 1
+    dtype: str = "float32"  # float32 | bfloat16
+    out: str | None = None  # also write bench.json here
+
+    def validate(self) -> None:
+        if not self.policy.path:
+            raise ValueError("--policy.path is required: the full policy")
+        if self.ratio is not None:
+            self.plan.ratio = self.ratio
+        budgets = [n for n in ("ratio", "keep", "threshold", "kept") if getattr(self.plan, n) is not None]
+        if (self.pruned.path is None) == (not budgets):
+            raise ValueError("give either --pruned.path (a pruned checkpoint of --policy.path) or one budget "
+                             "(--ratio, --plan.keep, --plan.threshold or --plan.kept) to prune in memory")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype={self.dtype!r}: choose float32 or bfloat16")
+        if self.rounds < 1 or self.warmup < 0 or self.batch_size < 1 or self.train_batch_size < 0:
+            raise ValueError("--rounds and --batch_size must be >= 1, --warmup and --train_batch_size >= 0")
+        device = self.policy.device
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"--policy.device={device}: no CUDA device is available here; use cpu")

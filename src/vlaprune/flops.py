@@ -42,8 +42,12 @@ def _count_linear_flops(module: nn.Module) -> Iterator[list[int]]:
 
 @torch.no_grad()
 def chunk_flops(family: Family, policy: Any, batch: dict[str, Any]) -> int:
-    """Linear-layer FLOPs of sampling one action chunk for ``batch`` (fixed zero noise)."""
-    actions = policy.prepare_action(batch)
+    """Linear-layer FLOPs of sampling one action chunk for the observations in ``batch`` (zero noise)."""
+    from lerobot.utils.constants import OBS_STATE
+
+    state = batch[OBS_STATE]  # (batch, state_dim): only its batch size and device are used
+    cfg = policy.config
+    noise = torch.zeros((state.shape[0], cfg.chunk_size, cfg.max_action_dim), device=state.device)
     with _count_linear_flops(policy) as total:
-        action_chunk(family, policy, batch, torch.zeros_like(actions))
+        action_chunk(family, policy, batch, noise)
     return total[0]

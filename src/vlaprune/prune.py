@@ -45,6 +45,7 @@ class PruneResult:
     out: Path
     plan: Plan
     manifest: dict[str, Any]
+    pruned: Any  # the in-memory pruned policy that was saved
 
 
 def build_problem(family: Family, policy: Any, stacks: dict[str, StackAnalysis], protect: list[int]) -> PlanProblem:
@@ -186,4 +187,4 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
         "versions": library_versions(),
     }
     save_pruned(pruned, bundle, manifest, out, overwrite=cfg.overwrite)
-    return PruneResult(out=out, plan=plan, manifest=manifest)
+    return PruneResult(out=out, plan=plan, manifest=manifest, pruned=pruned)

@@ -1,0 +1,333 @@
+"""Speed of a full and a pruned policy, measured side by side in one process.
+
+After a warm-up the two policies alternate (A B A B ...) and every figure is a median, so drift of
+the machine hits both alike. Measured per policy: one training step (forward, backward, optimizer
+step) with the family's default trainable set, one action chunk (``reset`` + ``select_action``:
+prefix and every denoising step), peak memory, parameter counts and the linear-layer FLOPs of one
+chunk. The ceiling is measured too: in the FULL model, the share of forward time spent inside the
+blocks the plan removes (each block timed between its input norm and the next block's, on GPU with
+synchronisation); ``ideal ratio = 1 − share``. At small token counts time follows weight reads and
+per-block overhead more than FLOPs, so efficiency = measured reduction / ideal reduction is judged
+against that ceiling, not against the FLOP ratio.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from .families.base import Family, resolve
+from .flops import chunk_flops, parameter_counts
+
+logger = logging.getLogger(__name__)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+_PAGE = 4096
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[list[int]]:
+    """Peak memory above the start of the block: CUDA max allocated, or sampled RSS on the CPU."""
+    result = [0]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield result
+        result[0] = torch.cuda.max_memory_allocated(device) - base
+        return
+    base = _rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            stop.wait(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result[0] = max(peak[0], _rss_bytes()) - base
+
+
+@dataclass
+class PolicyTimings:
+    train_s: list[float] = field(default_factory=list)
+    chunk_s: list[float] = field(default_factory=list)
+    train_peak_bytes: int = 0
+    chunk_peak_bytes: int = 0
+
+
+def train_step(policy: Any, batch: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """One LeRobot training step: forward (loss), backward, optimizer step."""
+    policy.train()
+    loss, _ = policy.forward(batch)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def action_chunk_latency(policy: Any, observation: dict[str, Any]) -> None:
+    """``reset`` then ``select_action``: the prefix and every denoising step of one chunk."""
+    policy.eval()
+    policy.reset()
+    policy.select_action(observation)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@contextmanager
+def _block_intervals(policy: Any, family: Family, device: torch.device) -> Iterator[dict[str, list[list[float]]]]:
+    """Per stack and block, the [start, end] times of each execution (start = the block's input norm is
+    called, end = the next block's input norm or the final norm is called)."""
+    log: dict[str, list[list[float]]] = {}
+    handles = []
+    for spec in family.stacks:
+        layers = family.layers(policy, spec.name)
+        norms = [resolve(b, spec.input_norm) for b in layers] + [resolve(policy, spec.final_norm)]
+        starts: dict[int, float] = {}
+
+        def make(name: str, index: int, count: int, starts: dict[int, float] = starts) -> Any:
+            def hook(*_: Any, **__: Any) -> None:
+                _sync(device)
+                now = time.perf_counter()
+                if index > 0 and index - 1 in starts:
+                    log.setdefault(f"{name}:{index - 1}", []).append([starts.pop(index - 1), now])
+                if index < count:
+                    starts[index] = now
+
+            return hook
+
+        for i, norm in enumerate(norms):
+            handles.append(norm.register_forward_pre_hook(make(spec.name, i, len(layers))))
+    try:
+        yield log
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _union_length(intervals: Sequence[Sequence[float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted((float(a), float(b)) for a, b in intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def removed_time_share(
+    policy: Any, family: Family, removed: Mapping[str, Sequence[int]], run: Callable[[], None], device: torch.device
+) -> float:
+    """Share of ``run``'s wall time spent inside the ``removed`` blocks of the full ``policy``.
+
+    Intervals of lockstep stacks that run jointly overlap (pi0's and SmolVLA's training forward
+    process VLM and expert layer i together), so the union of the removed intervals is taken.
+    """
+    with _block_intervals(policy, family, device) as log:
+        total = _timed(run, device)
+    chosen = [iv for name, idx in removed.items() for i in idx for iv in log.get(f"{name}:{i}", [])]
+    return min(1.0, _union_length(chosen) / total)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def compare(
+    full: Any,
+    pruned: Any,
+    family: Family,
+    removed: Mapping[str, Sequence[int]],
+    train_batch: dict[str, Any] | None,
+    observation: dict[str, Any],
+    *,
+    rounds: int = 3,
+    warmup: int = 1,
+    on_round: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Time ``full`` and ``pruned`` alternately and return every figure plus ratios and efficiencies."""
+    device = next(full.parameters()).device
+    policies = {"full": full, "pruned": pruned}
+    optimizers = {
+        name: torch.optim.AdamW([p for p in pol.parameters() if p.requires_grad], lr=1e-5)
+        for name, pol in policies.items()
+    } if train_batch is not None else {}
+    timings = {name: PolicyTimings() for name in policies}
+    for _ in range(warmup):
+        for name, pol in policies.items():
+            action_chunk_latency(pol, observation)
+            if train_batch is not None:
+                train_step(pol, train_batch, optimizers[name])
+    for _ in range(rounds):
+        for name, pol in policies.items():  # A B A B: drift hits both alike
+            t = timings[name]
+            with peak_memory(device) as peak:
+                t.chunk_s.append(_timed(partial(action_chunk_latency, pol, observation), device))
+            t.chunk_peak_bytes = max(t.chunk_peak_bytes, peak[0])
+            if train_batch is not None:
+                with peak_memory(device) as peak:
+                    t.train_s.append(_timed(partial(train_step, pol, train_batch, optimizers[name]), device))
+                t.train_peak_bytes = max(t.train_peak_bytes, peak[0])
+            gc.collect()
+        if on_round is not None:
+            on_round(1)
+
+    chunk_share = removed_time_share(full, family, removed, partial(action_chunk_latency, full, observation), device)
+    out: dict[str, Any] = {"device": str(device), "rounds": rounds, "warmup": warmup}
+    for name, pol in policies.items():
+        t = timings[name]
+        out[name] = {
+            "chunk_s": _median(t.chunk_s), "chunk_runs_s": t.chunk_s, "chunk_peak_mb": t.chunk_peak_bytes / 2**20,
+            "train_step_s": _median(t.train_s), "train_runs_s": t.train_s, "train_peak_mb": t.train_peak_bytes / 2**20,
+            "parameters": parameter_counts(pol),
+            "chunk_linear_flops": chunk_flops(family, pol, observation),
+        }
+    out["inference_ratio"] = out["pruned"]["chunk_s"] / out["full"]["chunk_s"]
+    out["ideal_inference_ratio"] = 1.0 - chunk_share
+    out["flop_inference_ratio"] = out["pruned"]["chunk_linear_flops"] / out["full"]["chunk_linear_flops"]
+    out["inference_efficiency"] = _efficiency(out["inference_ratio"], out["ideal_inference_ratio"])
+    if train_batch is not None:
+        train_share = removed_time_share(full, family, removed, partial(_forward_only, full, train_batch), device)
+        out["train_step_ratio"] = out["pruned"]["train_step_s"] / out["full"]["train_step_s"]
+        out["ideal_train_ratio"] = 1.0 - train_share
+        out["train_efficiency"] = _efficiency(out["train_step_ratio"], out["ideal_train_ratio"])
+    return out
+
+
+@torch.no_grad()
+def _forward_only(policy: Any, batch: dict[str, Any]) -> None:
+    """The training forward (joint path), for the removed-block share of the training step."""
+    policy.train()
+    policy.forward(batch)
+
+
+def _efficiency(measured_ratio: float, ideal_ratio: float) -> float:
+    ideal_reduction = 1.0 - ideal_ratio
+    return (1.0 - measured_ratio) / ideal_reduction if ideal_reduction > 0 else float("nan")
+
+
+def bench_table(result: Mapping[str, Any]) -> str:
+    """A readable table of one comparison."""
+    full, pruned = result["full"], result["pruned"]
+    lines = [f"{'':<28}{'full':>12}{'pruned':>12}{'ratio':>8}{'ideal':>8}{'effic.':>8}"]
+
+    def row(label: str, a: float, b: float, ratio: float | None = None, ideal: float | None = None,
+            eff: float | None = None, fmt: str = "{:>12.3f}") -> None:
+        cells = [fmt.format(a), fmt.format(b)]
+        extra = "".join(f"{v:>8.3f}" if v is not None else f"{'':>8}" for v in (ratio, ideal, eff))
+        lines.append(f"{label:<28}{cells[0]}{cells[1]}{extra}")
+
+    row("action chunk (s)", full["chunk_s"], pruned["chunk_s"], result["inference_ratio"],
+        result["ideal_inference_ratio"], result["inference_efficiency"])
+    if "train_step_ratio" in result:
+        row("training step (s)", full["train_step_s"], pruned["train_step_s"], result["train_step_ratio"],
+            result["ideal_train_ratio"], result["train_efficiency"])
+        row("training peak memory (MB)", full["train_peak_mb"], pruned["train_peak_mb"], fmt="{:>12.0f}")
+    row("chunk peak memory (MB)", full["chunk_peak_mb"], pruned["chunk_peak_mb"], fmt="{:>12.0f}")
+    row("parameters (M)", full["parameters"]["total"] / 1e6, pruned["parameters"]["total"] / 1e6, fmt="{:>12.1f}")
+    row("trainable parameters (M)", full["parameters"]["trainable"] / 1e6,
+        pruned["parameters"]["trainable"] / 1e6, fmt="{:>12.1f}")
+    row("chunk linear GFLOP", full["chunk_linear_flops"] / 1e9, pruned["chunk_linear_flops"] / 1e9,
+        result["flop_inference_ratio"], fmt="{:>12.2f}")
+    return "\n".join(lines)
+
+
+def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The ``vlaprune bench`` entry point (``cfg`` is a :class:`vlaprune.config.BenchConfig`)."""
+    import os
+    import platform
+    from pathlib import Path
+
+    from .analyze import compute_stack_cka, library_versions
+    from .calibration import CalibrationConfig, calibration_batches
+    from .checkpoint import read_manifest
+    from .families import family_for
+    from .policies import is_builtin, load_policy
+    from .prune import build_problem, choose_plan
+    from .surgery import remove_blocks
+    from .verify import plan_damage, removed_blocks
+
+    cfg.validate()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    bundle = load_policy(cfg.policy.path, seed=cfg.policy.seed, device=cfg.policy.device)
+    full = bundle.policy
+    family = family_for(full)
+
+    def batches(num: int, seed: int) -> list[dict[str, Any]]:
+        return list(calibration_batches(full, bundle.preprocessor, repo_id=cfg.dataset.repo_id,
+                                        root=cfg.dataset.root, config=CalibrationConfig(num, num, seed),
+                                        allow_synthetic=is_builtin(cfg.policy.path)))
+
+    if cfg.pruned.path:
+        manifest = read_manifest(Path(cfg.pruned.path))
+        if manifest is None:
+            raise ValueError(f"{cfg.pruned.path} has no prune_manifest.json: cannot tell which blocks it removed")
+        pruned = load_policy(cfg.pruned.path, device=cfg.policy.device).policy
+        if family_for(pruned) is not family:
+            raise ValueError(f"{cfg.pruned.path} is a {family_for(pruned).name} policy, {cfg.policy.path} a "
+                             f"{family.name} one: compare a policy with its own pruned checkpoint")
+        depths = family.depths(full)
+        for name, stack in manifest["stacks"].items():
+            if stack["source_num_layers"] != depths[name]:
+                raise ValueError(f"{cfg.pruned.path} was pruned from a {stack['source_num_layers']}-block {name} "
+                                 f"stack; {cfg.policy.path} has {depths[name]}")
+        kept = {name: stack["kept"] for name, stack in manifest["stacks"].items()}
+        method = manifest["method"]
+    else:
+        stacks = compute_stack_cka(full, batches(cfg.calibration.num_samples, cfg.calibration.seed),
+                                   family=family, cka=cfg.cka.config(), capture=cfg.calibration.capture())
+        problem = build_problem(family, full, stacks, cfg.plan.protect)
+        holdout = batches(2, cfg.calibration.seed + 10_007)
+        plan, _ = choose_plan(cfg, problem, lambda p: plan_damage(full, family, p.kept, holdout))
+        kept = {name: list(idx) for name, idx in plan.kept.items()}
+        pruned = remove_blocks(full, family, kept)
+        method = plan.method
+    for pol in (full, pruned):
+        pol.to(dtype=dtype)
+    observation = {k: v for k, v in batches(cfg.batch_size, 1)[0].items() if not k.startswith("action")}
+    train_batch = batches(cfg.train_batch_size, 2)[0] if cfg.train_batch_size else None
+    result = compare(full, pruned, family, removed_blocks(family, full, kept), train_batch, observation,
+                     rounds=cfg.rounds, warmup=cfg.warmup, on_round=on_round)
+    result.update({
+        "policy": cfg.policy.path, "pruned_path": cfg.pruned.path, "method": method, "kept": kept,
+        "dtype": cfg.dtype, "batch_size": cfg.batch_size, "train_batch_size": cfg.train_batch_size,
+        "trainable_set": "family default",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads"
+                   + (f", {torch.cuda.get_device_name(0)}" if str(result["device"]).startswith("cuda") else ""),
+        "versions": library_versions(),
+    })
+    return result

@@ -1,0 +1,72 @@
+"""``vlaprune bench``: both policies timed in one process, ratios and the measured ceiling."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlaprune.bench import _union_length, removed_time_share
+from vlaprune.config import BenchConfig, PolicyArgs, PrunedArgs
+from vlaprune.families import family_for
+from vlaprune.prune import run_prune
+
+from .flow import batch
+from .test_prune import _cfg
+
+
+def test_union_length_merges_overlaps():
+    assert _union_length([[0, 1], [0.5, 2], [3, 4], [3.2, 3.5]]) == pytest.approx(3.0)
+    assert _union_length([]) == 0.0
+
+
+def test_removed_time_share_bounds(tiny):
+    bundle = tiny("tiny:smolvla")
+    policy = bundle.policy
+    family = family_for(policy)
+    data = batch(bundle, n=2)
+    device = next(policy.parameters()).device
+
+    def run():
+        policy.eval()
+        policy.reset()
+        policy.select_action({k: v for k, v in data.items() if not k.startswith("action")})
+
+    none = removed_time_share(policy, family, {"vlm": [], "expert": []}, run, device)
+    some = removed_time_share(policy, family, {"vlm": [1, 2], "expert": [1, 2]}, run, device)
+    every = removed_time_share(policy, family, {"vlm": list(range(8)), "expert": list(range(8))}, run, device)
+    assert none == 0.0 and 0.0 < some < every <= 1.0
+
+
+def test_bench_in_memory_plan(tmp_path):
+    from vlaprune.bench import bench_table, run_bench
+
+    result = run_bench(BenchConfig(policy=PolicyArgs(path="tiny:smolvla"), ratio=0.5, rounds=1))
+    for key in ("train_step_ratio", "inference_ratio", "ideal_train_ratio", "ideal_inference_ratio",
+                "train_efficiency", "inference_efficiency", "flop_inference_ratio"):
+        assert result[key] == result[key], key  # not nan
+    assert 0 < result["ideal_inference_ratio"] < 1 and 0 < result["flop_inference_ratio"] < 1
+    assert result["pruned"]["parameters"]["total"] < result["full"]["parameters"]["total"]
+    assert len(result["full"]["chunk_runs_s"]) == 1
+    assert "action chunk (s)" in bench_table(result)
+
+
+def test_bench_against_a_pruned_checkpoint(tmp_path):
+    from vlaprune.bench import run_bench
+
+    run_prune(_cfg(tmp_path / "p", "tiny:pi0"))
+    result = run_bench(BenchConfig(policy=PolicyArgs(path="tiny:pi0"), pruned=PrunedArgs(path=str(tmp_path / "p")),
+                                   rounds=1, train_batch_size=0))
+    assert "train_step_ratio" not in result and result["inference_ratio"] > 0
+    assert result["kept"]["vlm"] == result["kept"]["expert"] and len(result["kept"]["vlm"]) == 4
+    with pytest.raises(ValueError, match="compare a policy with its own pruned checkpoint"):
+        run_bench(BenchConfig(policy=PolicyArgs(path="tiny:smolvla"), pruned=PrunedArgs(path=str(tmp_path / "p"))))
+
+
+def test_bench_input_errors():
+    import torch
+
+    with pytest.raises(ValueError, match="either --pruned.path"):
+        BenchConfig(policy=PolicyArgs(path="tiny:smolvla")).validate()
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(ValueError, match="no CUDA device"):
+        BenchConfig(policy=PolicyArgs(path="tiny:smolvla", device="cuda"), ratio=0.5).validate()
