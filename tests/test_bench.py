@@ -64,7 +64,7 @@ def test_bench_against_a_pruned_checkpoint(tmp_path):
 def test_bench_input_errors():
     import torch
 
-    with pytest.raises(ValueError, match="either --pruned.path"):
+    with pytest.raises(ValueError, match=r"either --pruned\.path"):
         BenchConfig(policy=PolicyArgs(path="tiny:smolvla")).validate()
     if torch.cuda.is_available():
         return
