@@ -1,0 +1,74 @@
+"""The speed table of the README: full vs pruned policies, measured side by side.
+
+Each row is one ``vlaprune bench`` run in a fresh process (one model pair in memory at a time):
+the full policy and a policy pruned in memory by a plan (cka-dp from synthetic calibration, no
+refine: timing does not need trained weights), alternating A B A B after a warm-up, median of
+``--rounds``. ``first-k`` is LeRobot's own truncation (SmolVLA's ``num_vlm_layers``), for comparison.
+
+    python benchmarks/speed.py [--policies real:smolvla] [--ratios 0.25 0.5] [--rounds 3] [--device cpu]
+
+Prints a markdown table (with the machine) and a final JSON line. Time it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROWS_FIRST_K = {"real:smolvla", "tiny:smolvla"}  # families whose config can truncate natively
+
+
+def run(policy: str, ratio: float, method: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        cmd = [str(Path(sys.executable).with_name("vlaprune")), "bench", f"--policy.path={policy}",
+               f"--policy.device={args.device}", f"--ratio={ratio}", f"--plan.method={method}",
+               f"--rounds={args.rounds}", f"--dtype={args.dtype}", f"--train_batch_size={args.train_batch_size}",
+               f"--out={out}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policies", nargs="+", default=["real:smolvla"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--train_batch_size", type=int, default=2)
+    args = parser.parse_args()
+
+    rows = []
+    for policy in args.policies:
+        for ratio in args.ratios:
+            rows.append(run(policy, ratio, "cka-dp", args))
+        if policy in ROWS_FIRST_K:
+            rows.append(run(policy, max(args.ratios), "first-k", args))
+
+    machine = rows[0]["machine"] if rows else "?"
+    print(f"\nMachine: {machine}; {args.dtype}; median of {args.rounds} alternating rounds\n")
+    print("| policy | plan | depth kept | action chunk s (full → pruned) | ratio | ideal | efficiency "
+          "| train step s (full → pruned) | ratio | ideal | efficiency | chunk FLOP ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        kept = ", ".join(f"{name} {len(k)}" for name, k in r["kept"].items())
+        train = "- | - | - | -"
+        if "train_step_ratio" in r:
+            train = (f"{r['full']['train_step_s']:.2f} → {r['pruned']['train_step_s']:.2f} | "
+                     f"{r['train_step_ratio']:.2f} | {r['ideal_train_ratio']:.2f} | {r['train_efficiency']:.2f}")
+        print(f"| {r['policy']} | {r['method']} | {kept} | {r['full']['chunk_s']:.2f} → {r['pruned']['chunk_s']:.2f} "
+              f"| {r['inference_ratio']:.2f} | {r['ideal_inference_ratio']:.2f} | {r['inference_efficiency']:.2f} "
+              f"| {train} | {r['flop_inference_ratio']:.2f} |")
+    print(json.dumps({"machine": machine, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
