@@ -70,3 +70,17 @@ def test_bench_input_errors():
         return
     with pytest.raises(ValueError, match="no CUDA device"):
         BenchConfig(policy=PolicyArgs(path="tiny:smolvla", device="cuda"), ratio=0.5).validate()
+
+
+def test_bench_everything_trainable():
+    from vlaprune.bench import run_bench
+
+    result = run_bench(BenchConfig(policy=PolicyArgs(path="tiny:smolvla"), ratio=0.25, rounds=1, warmup=0,
+                                   trainable="all"))
+    for name in ("full", "pruned"):
+        params = result[name]["parameters"]
+        assert params["trainable"] == params["total"]
+    assert result["trainable_set"] == "all"
+    parts = result["full"]["chunk_linear_flops_by_part"]
+    assert set(parts) == {"vlm", "expert", "other"} and all(v > 0 for v in parts.values())
+    assert result["pruned"]["chunk_linear_flops_by_part"]["other"] == parts["other"]  # only stacks shrink

@@ -20,14 +20,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import torch
 
 from .families.base import Family, resolve
-from .flops import chunk_flops, parameter_counts
+from .flops import chunk_flops_by_part, parameter_counts
 
 logger = logging.getLogger(__name__)
 
@@ -109,23 +109,42 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 
 @contextmanager
 def _block_intervals(policy: Any, family: Family, device: torch.device) -> Iterator[dict[str, list[list[float]]]]:
-    """Per stack and block, the [start, end] times of each execution (start = the block's input norm is
-    called, end = the next block's input norm or the final norm is called)."""
+    """Per stack and block, the [start, end] times of each execution of the block, forward and backward.
+
+    Forward: from the block's input norm being called to the next block's (or the final norm).
+    Backward: from the gradient of the block's output (the next state) arriving to the gradient of its
+    input arriving, via tensor hooks on the residual states that require grad.
+    """
     log: dict[str, list[list[float]]] = {}
     handles = []
+
+    def now() -> float:
+        _sync(device)
+        return time.perf_counter()
+
     for spec in family.stacks:
         layers = family.layers(policy, spec.name)
         norms = [resolve(b, spec.input_norm) for b in layers] + [resolve(policy, spec.final_norm)]
         starts: dict[int, float] = {}
+        grad_starts: dict[int, float] = {}
 
-        def make(name: str, index: int, count: int, starts: dict[int, float] = starts) -> Any:
-            def hook(*_: Any, **__: Any) -> None:
-                _sync(device)
-                now = time.perf_counter()
+        def make(name: str, index: int, count: int, starts: dict[int, float] = starts,
+                 grad_starts: dict[int, float] = grad_starts) -> Any:
+            def on_grad(grad: torch.Tensor) -> None:
+                t = now()
+                if index + 1 in grad_starts:  # the backward of block `index` just finished
+                    log.setdefault(f"{name}:{index}", []).append([grad_starts.pop(index + 1), t])
+                grad_starts[index] = t
+
+            def hook(_module: Any, args: tuple[Any, ...]) -> None:
+                t = now()
                 if index > 0 and index - 1 in starts:
-                    log.setdefault(f"{name}:{index - 1}", []).append([starts.pop(index - 1), now])
+                    log.setdefault(f"{name}:{index - 1}", []).append([starts.pop(index - 1), t])
                 if index < count:
-                    starts[index] = now
+                    starts[index] = t
+                hidden = args[0] if args else None
+                if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                    hidden.register_hook(on_grad)
 
             return hook
 
@@ -153,8 +172,10 @@ def removed_time_share(
 ) -> float:
     """Share of ``run``'s wall time spent inside the ``removed`` blocks of the full ``policy``.
 
-    Intervals of lockstep stacks that run jointly overlap (pi0's and SmolVLA's training forward
-    process VLM and expert layer i together), so the union of the removed intervals is taken.
+    Forward and backward intervals count. Intervals of lockstep stacks that run jointly overlap (pi0's
+    and SmolVLA's training forward process VLM and expert layer i together), so the union of the
+    removed intervals is taken. The optimizer's work on the removed blocks' parameters is not
+    attributed to them, so the ideal training ratio is slightly conservative (higher).
     """
     with _block_intervals(policy, family, device) as log:
         total = _timed(run, device)
@@ -213,25 +234,20 @@ def compare(
             "chunk_s": _median(t.chunk_s), "chunk_runs_s": t.chunk_s, "chunk_peak_mb": t.chunk_peak_bytes / 2**20,
             "train_step_s": _median(t.train_s), "train_runs_s": t.train_s, "train_peak_mb": t.train_peak_bytes / 2**20,
             "parameters": parameter_counts(pol),
-            "chunk_linear_flops": chunk_flops(family, pol, observation),
+            "chunk_linear_flops_by_part": chunk_flops_by_part(family, pol, observation),
         }
+        out[name]["chunk_linear_flops"] = sum(out[name]["chunk_linear_flops_by_part"].values())
     out["inference_ratio"] = out["pruned"]["chunk_s"] / out["full"]["chunk_s"]
     out["ideal_inference_ratio"] = 1.0 - chunk_share
     out["flop_inference_ratio"] = out["pruned"]["chunk_linear_flops"] / out["full"]["chunk_linear_flops"]
     out["inference_efficiency"] = _efficiency(out["inference_ratio"], out["ideal_inference_ratio"])
-    if train_batch is not None:
-        train_share = removed_time_share(full, family, removed, partial(_forward_only, full, train_batch), device)
+    if train_batch is not None:  # last: this step changes the full policy's weights
+        step = partial(train_step, full, train_batch, optimizers["full"])
+        train_share = removed_time_share(full, family, removed, step, device)
         out["train_step_ratio"] = out["pruned"]["train_step_s"] / out["full"]["train_step_s"]
         out["ideal_train_ratio"] = 1.0 - train_share
         out["train_efficiency"] = _efficiency(out["train_step_ratio"], out["ideal_train_ratio"])
     return out
-
-
-@torch.no_grad()
-def _forward_only(policy: Any, batch: dict[str, Any]) -> None:
-    """The training forward (joint path), for the removed-block share of the training step."""
-    policy.train()
-    policy.forward(batch)
 
 
 def _efficiency(measured_ratio: float, ideal_ratio: float) -> float:
@@ -255,12 +271,15 @@ def bench_table(result: Mapping[str, Any]) -> str:
     if "train_step_ratio" in result:
         row("training step (s)", full["train_step_s"], pruned["train_step_s"], result["train_step_ratio"],
             result["ideal_train_ratio"], result["train_efficiency"])
-        row("training peak memory (MB)", full["train_peak_mb"], pruned["train_peak_mb"], fmt="{:>12.0f}")
-    row("chunk peak memory (MB)", full["chunk_peak_mb"], pruned["chunk_peak_mb"], fmt="{:>12.0f}")
+        row("train peak mem. (+MB)", full["train_peak_mb"], pruned["train_peak_mb"], fmt="{:>12.0f}")
+    row("chunk peak mem. (+MB)", full["chunk_peak_mb"], pruned["chunk_peak_mb"], fmt="{:>12.0f}")
     row("parameters (M)", full["parameters"]["total"] / 1e6, pruned["parameters"]["total"] / 1e6, fmt="{:>12.1f}")
     row("trainable parameters (M)", full["parameters"]["trainable"] / 1e6,
         pruned["parameters"]["trainable"] / 1e6, fmt="{:>12.1f}")
-    row("chunk linear GFLOP", full["chunk_linear_flops"] / 1e9, pruned["chunk_linear_flops"] / 1e9,
+    for part in full["chunk_linear_flops_by_part"]:
+        a, b = full["chunk_linear_flops_by_part"][part], pruned["chunk_linear_flops_by_part"][part]
+        row(f"  chunk linear GFLOP, {part}", a / 1e9, b / 1e9, b / a if a else None, fmt="{:>12.2f}")
+    row("chunk linear GFLOP, total", full["chunk_linear_flops"] / 1e9, pruned["chunk_linear_flops"] / 1e9,
         result["flop_inference_ratio"], fmt="{:>12.2f}")
     return "\n".join(lines)
 
@@ -278,7 +297,7 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
     from .policies import is_builtin, load_policy
     from .prune import build_problem, choose_plan
     from .surgery import remove_blocks
-    from .verify import plan_damage, removed_blocks
+    from .verify import removed_blocks
 
     cfg.validate()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
@@ -310,13 +329,15 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
         stacks = compute_stack_cka(full, batches(cfg.calibration.num_samples, cfg.calibration.seed),
                                    family=family, cka=cfg.cka.config(), capture=cfg.calibration.capture())
         problem = build_problem(family, full, stacks, cfg.plan.protect)
-        holdout = batches(2, cfg.calibration.seed + 10_007)
-        plan, _ = choose_plan(cfg, problem, lambda p: plan_damage(full, family, p.kept, holdout))
+        # timing needs the requested method's plan as is: no refine
+        plan, _ = choose_plan(replace(cfg.plan, refine=0), problem, lambda p: float("nan"))
         kept = {name: list(idx) for name, idx in plan.kept.items()}
         pruned = remove_blocks(full, family, kept)
         method = plan.method
     for pol in (full, pruned):
         pol.to(dtype=dtype)
+        if cfg.trainable == "all":
+            pol.requires_grad_(True)
     observation = {k: v for k, v in batches(cfg.batch_size, 1)[0].items() if not k.startswith("action")}
     train_batch = batches(cfg.train_batch_size, 2)[0] if cfg.train_batch_size else None
     result = compare(full, pruned, family, removed_blocks(family, full, kept), train_batch, observation,
@@ -324,7 +345,7 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
     result.update({
         "policy": cfg.policy.path, "pruned_path": cfg.pruned.path, "method": method, "kept": kept,
         "dtype": cfg.dtype, "batch_size": cfg.batch_size, "train_batch_size": cfg.train_batch_size,
-        "trainable_set": "family default",
+        "trainable_set": cfg.trainable,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads"
                    + (f", {torch.cuda.get_device_name(0)}" if str(result["device"]).startswith("cuda") else ""),

@@ -156,6 +156,7 @@ class BenchConfig:
     rounds: int = 3
     warmup: int = 1
     dtype: str = "float32"  # float32 | bfloat16
+    trainable: str = "default"  # "default" = the family config's trainable set; "all" = every parameter
     out: str | None = None  # also write bench.json here
 
     def validate(self) -> None:
@@ -167,6 +168,8 @@ class BenchConfig:
         if (self.pruned.path is None) == (not budgets):
             raise ValueError("give either --pruned.path (a pruned checkpoint of --policy.path) or one budget "
                              "(--ratio, --plan.keep, --plan.threshold or --plan.kept) to prune in memory")
+        if self.trainable not in ("default", "all"):
+            raise ValueError(f"--trainable={self.trainable!r}: choose default or all")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype={self.dtype!r}: choose float32 or bfloat16")
         if self.rounds < 1 or self.warmup < 0 or self.batch_size < 1 or self.train_batch_size < 0:

@@ -24,30 +24,46 @@ def parameter_counts(policy: nn.Module) -> dict[str, int]:
 
 
 @contextmanager
-def _count_linear_flops(module: nn.Module) -> Iterator[list[int]]:
-    total = [0]
+def _count_linear_flops(policy: nn.Module, family: Family) -> Iterator[dict[str, int]]:
+    """FLOPs per part: each stack's blocks, and "other" (vision encoder, projections, heads)."""
+    parts: dict[str, int] = {spec.name: 0 for spec in family.stacks}
+    parts["other"] = 0
+    prefixes = [(f"{spec.layers}.", spec.name) for spec in family.stacks]
 
-    def hook(layer: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
-        assert isinstance(layer, nn.Linear)
-        rows = args[0].numel() // layer.in_features
-        total[0] += 2 * rows * layer.in_features * layer.out_features
+    def make(part: str) -> Any:
+        def hook(layer: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
+            assert isinstance(layer, nn.Linear)
+            rows = args[0].numel() // layer.in_features
+            parts[part] += 2 * rows * layer.in_features * layer.out_features
 
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Linear)]
+        return hook
+
+    handles = []
+    for name, module in policy.named_modules():
+        if isinstance(module, nn.Linear):
+            part = next((p for prefix, p in prefixes if name.startswith(prefix)), "other")
+            handles.append(module.register_forward_hook(make(part)))
     try:
-        yield total
+        yield parts
     finally:
         for handle in handles:
             handle.remove()
 
 
 @torch.no_grad()
-def chunk_flops(family: Family, policy: Any, batch: dict[str, Any]) -> int:
-    """Linear-layer FLOPs of sampling one action chunk for the observations in ``batch`` (zero noise)."""
+def chunk_flops_by_part(family: Family, policy: Any, batch: dict[str, Any]) -> dict[str, int]:
+    """Linear-layer FLOPs of sampling one action chunk (prefix + every denoising step) for the
+    observations in ``batch`` (zero noise), per stack and "other"."""
     from lerobot.utils.constants import OBS_STATE
 
     state = batch[OBS_STATE]  # (batch, state_dim): only its batch size and device are used
     cfg = policy.config
     noise = torch.zeros((state.shape[0], cfg.chunk_size, cfg.max_action_dim), device=state.device)
-    with _count_linear_flops(policy) as total:
+    with _count_linear_flops(policy, family) as parts:
         action_chunk(family, policy, batch, noise)
-    return total[0]
+    return dict(parts)
+
+
+def chunk_flops(family: Family, policy: Any, batch: dict[str, Any]) -> int:
+    """Total linear-layer FLOPs of one action chunk."""
+    return sum(chunk_flops_by_part(family, policy, batch).values())

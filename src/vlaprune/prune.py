@@ -19,7 +19,7 @@ import numpy as np
 from .analyze import StackAnalysis, compute_stack_cka, library_versions, settings_dict
 from .calibration import SYNTHETIC, CalibrationConfig, calibration_batches
 from .checkpoint import original_indices, read_manifest, save_pruned
-from .config import PruneConfig
+from .config import PlanArgs, PruneConfig
 from .families import family_for
 from .families.base import Family
 from .flops import chunk_flops, parameter_counts
@@ -91,16 +91,15 @@ def load_analysis(path: Path) -> dict[str, StackAnalysis]:
 
 
 def choose_plan(
-    cfg: PruneConfig, problem: PlanProblem, damage: Callable[[Plan], float]
+    args: PlanArgs, problem: PlanProblem, damage: Callable[[Plan], float]
 ) -> tuple[Plan, list[dict[str, Any]]]:
     """The plan to apply, and every candidate considered (with its cost and measured damage)."""
-    args = cfg.plan
     if args.kept is not None:
         validate_kept(problem, args.kept)
         kept = {name: tuple(idx) for name, idx in args.kept.items()}
         cost = sum(path_cost(s.cka, kept[s.name]) for s in problem.stacks)
         chosen = Plan(method="manual", kept=kept, cost=cost)
-        return chosen, [{**chosen.to_json(), "damage": damage(chosen)}]
+        return chosen, [{**chosen.to_json(), "damage": damage(chosen), "chosen": True}]
     budget = Budget(ratio=args.ratio, keep=args.keep, threshold=args.threshold)
     requested = plan_removal(problem, budget, args.method, seed=args.seed, run_threshold=args.run_threshold)
     candidates = [requested]
@@ -111,7 +110,7 @@ def choose_plan(
             if all(dict(plan.kept) != dict(c.kept) for c in candidates):
                 candidates.append(plan)
     if args.refine == 0:
-        return requested, [{**requested.to_json(), "damage": None}]
+        return requested, [{**requested.to_json(), "damage": None, "chosen": True}]
     scored = [(damage(plan), plan) for plan in candidates]
     best = min(scored, key=lambda item: item[0])[1]
     return best, [{**plan.to_json(), "damage": d, "chosen": plan is best} for d, plan in scored]
@@ -146,7 +145,7 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
         stacks = compute_stack_cka(source, batches(calib), family=family, cka=cka, capture=capture,
                                    on_batch=on_batch)
     problem = build_problem(family, source, stacks, cfg.plan.protect)
-    plan, candidates = choose_plan(cfg, problem, lambda p: plan_damage(source, family, p.kept, holdout))
+    plan, candidates = choose_plan(cfg.plan, problem, lambda p: plan_damage(source, family, p.kept, holdout))
     kept = {name: list(idx) for name, idx in plan.kept.items()}
 
     pruned = remove_blocks(source, family, kept)
