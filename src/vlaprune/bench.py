@@ -263,7 +263,10 @@ def compare(
         if on_round is not None:
             on_round(1)
 
-    chunk_share = removed_time_share(full, family, removed, partial(action_chunk_latency, full, observation), device)
+    chunk_share = statistics.median(
+        removed_time_share(full, family, removed, partial(action_chunk_latency, full, observation), device)
+        for _ in range(rounds)
+    )
     out: dict[str, Any] = {"device": str(device), "rounds": rounds, "warmup": warmup}
     for name, pol in policies.items():
         t = timings[name]
@@ -279,7 +282,10 @@ def compare(
     out["flop_inference_ratio"] = out["pruned"]["chunk_linear_flops"] / out["full"]["chunk_linear_flops"]
     out["inference_efficiency"] = _efficiency(out["inference_ratio"], out["ideal_inference_ratio"])
     if train_batch is not None:  # last: this step changes the full policy's weights
-        train_share = train_step_removed_share(full, family, removed, train_batch, optimizers["full"], device)
+        train_share = statistics.median(
+            train_step_removed_share(full, family, removed, train_batch, optimizers["full"], device)
+            for _ in range(rounds)
+        )
         out["train_step_ratio"] = out["pruned"]["train_step_s"] / out["full"]["train_step_s"]
         out["ideal_train_ratio"] = 1.0 - train_share
         out["train_efficiency"] = _efficiency(out["train_step_ratio"], out["ideal_train_ratio"])
