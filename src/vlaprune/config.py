@@ -66,12 +66,7 @@ class AnalyzeConfig:
 
     def validate(self) -> None:
         """Check everything that can be checked before loading a model."""
-        if not self.policy.path:
-            raise ValueError("--policy.path is required (a checkpoint dir, a hub id, or e.g. tiny:smolvla)")
-        if not self.dataset.repo_id:
-            raise ValueError("--dataset.repo_id is required (a LeRobotDataset, or 'synthetic' for built-ins)")
-        if not self.out:
-            raise ValueError("--out is required: the directory that receives analysis.json and heatmaps")
+        _require_inputs(self.policy, self.dataset, self.out, "analysis.json and heatmaps")
         if self.cka.preset not in PRESETS:
             raise ValueError(f"--cka.preset={self.cka.preset!r} is unknown; presets: {', '.join(PRESETS)}")
         cka = self.cka.config()
@@ -85,6 +80,15 @@ class AnalyzeConfig:
             )
 
 
+def _require_inputs(policy: PolicyArgs, dataset: DatasetArgs, out: str | None, what: str) -> None:
+    if not policy.path:
+        raise ValueError("--policy.path is required (a checkpoint dir, a hub id, or e.g. tiny:smolvla)")
+    if not dataset.repo_id:
+        raise ValueError("--dataset.repo_id is required (a LeRobotDataset, or 'synthetic' for built-ins)")
+    if not out:
+        raise ValueError(f"--out is required: the directory that receives {what}")
+
+
 @dataclass
 class PlanArgs:
     method: str = "cka-dp"  # cka-dp | cka-run | bi | angular | first-k | random
@@ -96,6 +100,18 @@ class PlanArgs:
     protect: list[int] = field(default_factory=list)  # block indices never removed (in every stack)
     run_threshold: float | None = None  # cka-run: similarity that makes blocks twins
     seed: int = 0
+
+    def budgets(self) -> list[str]:
+        """The budget flags given (exactly one is needed to plan)."""
+        return [name for name in ("ratio", "keep", "threshold", "kept") if getattr(self, name) is not None]
+
+    def take_ratio(self, ratio: float | None) -> None:
+        """Apply the top-level ``--ratio`` shortcut."""
+        if ratio is None:
+            return
+        if self.ratio is not None and self.ratio != ratio:
+            raise ValueError(f"--ratio={ratio} and --plan.ratio={self.ratio} disagree; give one")
+        self.ratio = ratio
 
 
 @dataclass
@@ -113,17 +129,9 @@ class PruneConfig:
     overwrite: bool = False
 
     def validate(self) -> None:
-        if not self.policy.path:
-            raise ValueError("--policy.path is required (a checkpoint dir, a hub id, or e.g. tiny:smolvla)")
-        if not self.dataset.repo_id:
-            raise ValueError("--dataset.repo_id is required (a LeRobotDataset, or 'synthetic' for built-ins)")
-        if not self.out:
-            raise ValueError("--out is required: the directory that receives the pruned checkpoint")
-        if self.ratio is not None:
-            if self.plan.ratio is not None and self.plan.ratio != self.ratio:
-                raise ValueError(f"--ratio={self.ratio} and --plan.ratio={self.plan.ratio} disagree; give one")
-            self.plan.ratio = self.ratio
-        budgets = [n for n in ("ratio", "keep", "threshold", "kept") if getattr(self.plan, n) is not None]
+        _require_inputs(self.policy, self.dataset, self.out, "the pruned checkpoint")
+        self.plan.take_ratio(self.ratio)
+        budgets = self.plan.budgets()
         if len(budgets) != 1:
             raise ValueError(
                 "give exactly one budget: --ratio (fraction of blocks removed, e.g. 0.5), --plan.keep "
@@ -162,9 +170,8 @@ class BenchConfig:
     def validate(self) -> None:
         if not self.policy.path:
             raise ValueError("--policy.path is required: the full policy")
-        if self.ratio is not None:
-            self.plan.ratio = self.ratio
-        budgets = [n for n in ("ratio", "keep", "threshold", "kept") if getattr(self.plan, n) is not None]
+        self.plan.take_ratio(self.ratio)
+        budgets = self.plan.budgets()
         if (self.pruned.path is None) == (not budgets):
             raise ValueError("give either --pruned.path (a pruned checkpoint of --policy.path) or one budget "
                              "(--ratio, --plan.keep, --plan.threshold or --plan.kept) to prune in memory")
