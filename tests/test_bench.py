@@ -84,3 +84,23 @@ def test_bench_everything_trainable():
     parts = result["full"]["chunk_linear_flops_by_part"]
     assert set(parts) == {"vlm", "expert", "other"} and all(v > 0 for v in parts.values())
     assert result["pruned"]["chunk_linear_flops_by_part"]["other"] == parts["other"]  # only stacks shrink
+
+
+def test_out_of_memory_names_the_batch_size_that_fits(monkeypatch):
+    import torch
+
+    import vlaprune.bench as bench
+
+    real_step = bench.train_step
+
+    def step(policy, batch, optimizer):
+        if len(batch["task"]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real_step(policy, batch, optimizer)
+
+    monkeypatch.setattr(bench, "train_step", step)
+    with pytest.raises(ValueError, match=r"--train_batch_size=8 does not fit in memory; --train_batch_size=2 fits"):
+        bench.run_bench(BenchConfig(policy=PolicyArgs(path="tiny:smolvla"), ratio=0.5, rounds=1,
+                                    train_batch_size=8))
+    assert bench.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ..."))
+    assert not bench.is_out_of_memory(RuntimeError("shape mismatch"))

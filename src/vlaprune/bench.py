@@ -326,6 +326,53 @@ def bench_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError naming it)."""
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err))
+
+
+def check_fits(
+    policy: Any, observation: dict[str, Any], train_batch: dict[str, Any] | None,
+    make_batch: Callable[[int], dict[str, Any]],
+) -> None:
+    """Run one chunk and one training step of the full policy; on out-of-memory, find by halving the
+    training batch size that fits and say so, instead of failing with an allocator trace."""
+    try:
+        action_chunk_latency(policy, observation)
+    except Exception as err:
+        if is_out_of_memory(err):
+            raise ValueError(f"one action chunk at --batch_size={len(observation['task'])} does not fit in "
+                             "memory; use --batch_size=1 or --dtype=bfloat16") from err
+        raise
+    if train_batch is None:
+        return
+    optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
+    size = len(train_batch["task"])
+    batch = train_batch
+    while True:
+        try:
+            train_step(policy, batch, optimizer)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if size == 1:
+                raise ValueError("a training step does not fit in memory even at batch 1; try --dtype=bfloat16 "
+                                 "or --train_batch_size=0 (inference only)") from err
+            size //= 2
+            batch = make_batch(size)
+            continue
+        if size != len(train_batch["task"]):
+            raise ValueError(f"a training step at --train_batch_size={len(train_batch['task'])} does not fit in "
+                             f"memory; --train_batch_size={size} fits")
+        return
+
+
 def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The ``vlaprune bench`` entry point (``cfg`` is a :class:`vlaprune.config.BenchConfig`)."""
     import os
@@ -382,6 +429,7 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
             pol.requires_grad_(True)
     observation = {k: v for k, v in batches(cfg.batch_size, 1)[0].items() if not k.startswith("action")}
     train_batch = batches(cfg.train_batch_size, 2)[0] if cfg.train_batch_size else None
+    check_fits(full, observation, train_batch, lambda n: batches(n, 2)[0])
     result = compare(full, pruned, family, removed_blocks(family, full, kept), train_batch, observation,
                      rounds=cfg.rounds, warmup=cfg.warmup, on_round=on_round)
     result.update({
