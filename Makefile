@@ -22,7 +22,11 @@ $(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml | $(PY)
 
 demo: $(STAMP)
 	$(VENV)/bin/vlaprune analyze --policy.path=tiny:smolvla --dataset.repo_id=synthetic \
-		--calibration.num_samples=16 --out=outputs/demo --overwrite=true
+		--calibration.num_samples=16 --out=outputs/demo/analysis --overwrite=true
+	$(VENV)/bin/vlaprune prune --policy.path=tiny:smolvla --dataset.repo_id=synthetic --ratio=0.5 \
+		--analysis=outputs/demo/analysis/analysis.json --out=outputs/demo/pruned --overwrite=true
+	$(VENV)/bin/vlaprune bench --policy.path=tiny:smolvla --pruned.path=outputs/demo/pruned \
+		--out=outputs/demo/bench.json
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks plugins

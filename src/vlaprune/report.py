@@ -84,7 +84,9 @@ def prune_summary(manifest: dict[str, Any]) -> str:
     for cand in manifest["candidates"]:
         damage = "-" if cand.get("damage") is None else f"{cand['damage']:.4f}"
         mark = "  <- chosen" if cand.get("chosen") else ""
-        lines.append(f"  {cand['method']:<10}{cand['cost']:>12.4f}{damage:>10}{mark}")
+        seed = cand.get("details", {}).get("seed")
+        label = cand["method"] if seed is None else f"{cand['method']} s{seed}"
+        lines.append(f"  {label:<10}{cand['cost']:>12.4f}{damage:>10}{mark}")
     params = manifest["parameters"]
     flops = manifest["chunk_linear_flops"]
     lines.append(
