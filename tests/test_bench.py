@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlaprune.bench import _union_length, removed_time_share
-from vlaprune.config import BenchConfig, PolicyArgs, PrunedArgs
+from vlaprune.config import BenchConfig, DatasetArgs, PolicyArgs, PrunedArgs
 from vlaprune.families import family_for
 from vlaprune.prune import run_prune
 
@@ -104,3 +104,18 @@ def test_out_of_memory_names_the_batch_size_that_fits(monkeypatch):
                                     train_batch_size=8))
     assert bench.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ..."))
     assert not bench.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_bench_with_three_cameras():
+    from vlaprune.bench import run_bench
+
+    one = run_bench(BenchConfig(policy=PolicyArgs(path="tiny:pi0"), ratio=0.5, rounds=1, warmup=0,
+                                train_batch_size=0))
+    three = run_bench(BenchConfig(policy=PolicyArgs(path="tiny:pi0"), ratio=0.5, rounds=1, warmup=0,
+                                  train_batch_size=0, cameras=3))
+    assert one["cameras"] == 1 and three["cameras"] == 3
+    # the vision encoder runs once per camera: its FLOPs triple
+    other = [r["full"]["chunk_linear_flops_by_part"]["other"] for r in (one, three)]
+    assert other[1] > 2 * other[0]
+    with pytest.raises(ValueError, match="--cameras=2"):
+        BenchConfig(policy=PolicyArgs(path="x"), ratio=0.5, cameras=2, dataset=DatasetArgs(repo_id="a/b")).validate()

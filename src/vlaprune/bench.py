@@ -326,6 +326,26 @@ def bench_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def set_cameras(policies: Sequence[Any], count: int) -> None:
+    """Give the policies ``count`` cameras: the first camera's feature, copied under new keys.
+
+    The vision encoder is shared across cameras in SmolVLA and pi0, so this scales the prefix the way
+    a real multi-camera robot does; synthetic frames then carry every camera.
+    """
+    import copy
+
+    for policy in policies:
+        features = dict(policy.config.input_features)
+        cams = [k for k in features if k.startswith("observation.images.")]
+        if not cams:
+            raise ValueError(f"{policy.config.type} has no camera feature to copy")
+        for key in cams[count:]:
+            del features[key]
+        for i in range(len(cams), count):
+            features[f"observation.images.extra{i}"] = copy.deepcopy(features[cams[0]])
+        policy.config.input_features = features
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError naming it)."""
     if isinstance(err, torch.OutOfMemoryError | MemoryError):
@@ -427,6 +447,8 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
         pol.to(dtype=dtype)
         if cfg.trainable == "all":
             pol.requires_grad_(True)
+    if cfg.cameras is not None:
+        set_cameras([full, pruned], cfg.cameras)
     observation = {k: v for k, v in batches(cfg.batch_size, 1)[0].items() if not k.startswith("action")}
     train_batch = batches(cfg.train_batch_size, 2)[0] if cfg.train_batch_size else None
     check_fits(full, observation, train_batch, lambda n: batches(n, 2)[0])
@@ -434,7 +456,8 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
                      rounds=cfg.rounds, warmup=cfg.warmup, on_round=on_round)
     result.update({
         "policy": cfg.policy.path, "pruned_path": cfg.pruned.path, "method": method, "kept": kept,
-        "dtype": cfg.dtype, "batch_size": cfg.batch_size, "train_batch_size": cfg.train_batch_size,
+        "dtype": cfg.dtype, "batch_size": cfg.batch_size, "cameras": len(full.config.image_features),
+        "train_batch_size": cfg.train_batch_size,
         "trainable_set": cfg.trainable,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads"

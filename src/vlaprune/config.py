@@ -165,6 +165,7 @@ class BenchConfig:
     warmup: int = 1
     dtype: str = "float32"  # float32 | bfloat16
     trainable: str = "default"  # "default" = the family config's trainable set; "all" = every parameter
+    cameras: int | None = None  # synthetic data only: run with this many cameras (copies of the first)
     out: str | None = None  # also write bench.json here
 
     def validate(self) -> None:
@@ -175,6 +176,9 @@ class BenchConfig:
         if (self.pruned.path is None) == (not budgets):
             raise ValueError("give either --pruned.path (a pruned checkpoint of --policy.path) or one budget "
                              "(--ratio, --plan.keep, --plan.threshold or --plan.kept) to prune in memory")
+        if self.cameras is not None and (self.cameras < 1 or self.dataset.repo_id != "synthetic"):
+            raise ValueError(f"--cameras={self.cameras}: a positive count, with --dataset.repo_id=synthetic "
+                             "(a dataset brings its own cameras)")
         if self.trainable not in ("default", "all"):
             raise ValueError(f"--trainable={self.trainable!r}: choose default or all")
         if self.dtype not in ("float32", "bfloat16"):
