@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from vlaprune.builtin.common import ACTION_KEY, CAMERA_KEY, STATE_KEY
 from vlaprune.calibration import CalibrationConfig, synthetic_batches
+
+TASKS = ["pick up the cube", "open the drawer"]
 
 
 def batch(bundle, n=3, seed=0):
@@ -42,3 +45,16 @@ def loss_and_chunk(policy, batch_, seed=7):
     loss = policy.model.forward(*inputs, actions, noise, time)
     chunk = policy.model.sample_actions(*inputs, noise=noise)
     return loss, chunk
+
+
+def raw_batch(chunk_size: int, *, with_action: bool = True, batch: int = 2) -> dict:
+    """A raw (unnormalised, untokenised) batch as a LeRobot dataset would give it."""
+    gen = torch.Generator().manual_seed(1)
+    out = {
+        CAMERA_KEY: torch.rand(batch, 3, 96, 96, generator=gen),  # (batch, channels, H, W) in [0, 1]
+        STATE_KEY: torch.randn(batch, 6, generator=gen),
+        "task": TASKS[:batch],
+    }
+    if with_action:
+        out[ACTION_KEY] = torch.randn(batch, chunk_size, 6, generator=gen)  # (batch, chunk, action)
+    return out

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from vlaprune.builtin import pi0
-from vlaprune.builtin.common import ACTION_KEY, CAMERA_KEY, STATE_KEY, PolicyBundle
+from vlaprune.builtin.common import PolicyBundle
 
-TASKS = ["pick up the cube", "open the drawer"]
+from .flow import raw_batch
+
 VARIANTS = ("pi0", "pi05")
 
 
@@ -26,19 +27,6 @@ def built(request) -> PolicyBundle:
 
 def variant_of(built: PolicyBundle) -> str:
     return built.spec.split(":")[1]
-
-
-def raw_batch(chunk_size: int, *, with_action: bool = True, batch: int = 2) -> dict:
-    """A raw (unnormalised, untokenised) batch as a LeRobot dataset would give it."""
-    gen = torch.Generator().manual_seed(1)
-    out = {
-        CAMERA_KEY: torch.rand(batch, 3, 96, 96, generator=gen),  # (batch, channels, H, W) in [0, 1]
-        STATE_KEY: torch.randn(batch, 6, generator=gen),
-        "task": TASKS[:batch],
-    }
-    if with_action:
-        out[ACTION_KEY] = torch.randn(batch, chunk_size, 6, generator=gen)  # (batch, chunk, action)
-    return out
 
 
 def tokenizer_of(built: PolicyBundle):

@@ -6,28 +6,15 @@ import pytest
 import torch
 
 from vlaprune.builtin import smolvla
-from vlaprune.builtin.common import ACTION_KEY, CAMERA_KEY, STATE_KEY, PolicyBundle
+from vlaprune.builtin.common import CAMERA_KEY, STATE_KEY, PolicyBundle
 
-TASKS = ["pick up the cube", "open the drawer"]
+from .flow import TASKS, raw_batch
 
 
 @pytest.fixture(scope="module")
 def built() -> PolicyBundle:
     """One tiny build for the read-only checks of this module."""
     return smolvla.build("tiny", seed=0)
-
-
-def raw_batch(chunk_size: int, *, with_action: bool = True, batch: int = 2) -> dict:
-    """A raw (unnormalised, untokenised) batch as a LeRobot dataset would give it."""
-    gen = torch.Generator().manual_seed(1)
-    out = {
-        CAMERA_KEY: torch.rand(batch, 3, 96, 96, generator=gen),  # (batch, channels, H, W) in [0, 1]
-        STATE_KEY: torch.randn(batch, 6, generator=gen),
-        "task": TASKS[:batch],
-    }
-    if with_action:
-        out[ACTION_KEY] = torch.randn(batch, chunk_size, 6, generator=gen)  # (batch, chunk, action)
-    return out
 
 
 def test_same_seed_same_weights_other_seed_differs(built) -> None:
