@@ -50,6 +50,14 @@ first second third last one two three another other this that it its all both ea
 is are be please can you robot arm task
 """
 INSTRUCTION_WORDS: list[str] = _INSTRUCTION_TEXT.split()
+DIGITS = list("0123456789")  # one token each, as Gemma and SmolLM split numbers
+PUNCTUATION = list(".,;:!?'\"-()/")
+
+
+def word_vocabulary(leading: list[str], extra: list[str] | None = None) -> list[str]:
+    """Token strings in id order for the generated word-level tokenizers: ``leading`` (special
+    tokens), the instruction words, ``extra`` words, digits and punctuation, without repeats."""
+    return list(dict.fromkeys([*leading, *INSTRUCTION_WORDS, *(extra or []), *DIGITS, *PUNCTUATION]))
 
 
 @dataclass

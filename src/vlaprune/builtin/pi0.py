@@ -35,7 +35,6 @@ from .common import (
     ACTION_DIM,
     ACTION_KEY,
     CAMERA_KEY,
-    INSTRUCTION_WORDS,
     STATE_DIM,
     STATE_KEY,
     PolicyBundle,
@@ -43,6 +42,7 @@ from .common import (
     perturb_parameters,
     spread_linear_weights,
     synthetic_dataset_stats,
+    word_vocabulary,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,11 +62,8 @@ _FORMAT_VERSION = 1
 # and separates pi0.5's "State: ...;\nAction:", so it is a token of its own as in Gemma.
 _PAD, _EOS, _BOS, _UNK, _NEWLINE = "<pad>", "<eos>", "<bos>", "<unk>", "\n"
 _SPECIAL = [_PAD, _EOS, _BOS, _UNK]
-# pi0.5 prompt words ("Task: ..., State: 12 200 ...;\nAction: "), digits one by one (as Gemma splits
-# them), punctuation one by one.
+# pi0.5 prompt words ("Task: ..., State: 12 200 ...;\nAction: ").
 _EXTRA_WORDS = ["task", "state", "action"]
-_DIGITS = list("0123456789")
-_PUNCT = list(".,;:!?'\"-()/")
 
 # Tiny Gemma stacks, keyed by the stock variant names (PI0Config accepts only those). Heads, KV heads
 # and head_dim are shared: attention is joint over both stacks. 8 x 8 = 64 = VLM width (like
@@ -256,8 +253,7 @@ def vocabulary() -> list[str]:
 
     Its length is the tiny model's vocabulary size (embedding rows = tokenizer size).
     """
-    words = INSTRUCTION_WORDS + _EXTRA_WORDS
-    return list(dict.fromkeys([*_SPECIAL, _NEWLINE, *words, *_DIGITS, *_PUNCT]))
+    return word_vocabulary([*_SPECIAL, _NEWLINE], _EXTRA_WORDS)
 
 
 def _make_tokenizer(max_length: int) -> Any:

@@ -23,7 +23,6 @@ from .common import (
     ACTION_DIM,
     ACTION_KEY,
     CAMERA_KEY,
-    INSTRUCTION_WORDS,
     STATE_DIM,
     STATE_KEY,
     PolicyBundle,
@@ -31,6 +30,7 @@ from .common import (
     perturb_parameters,
     spread_linear_weights,
     synthetic_dataset_stats,
+    word_vocabulary,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,6 @@ _SPECIAL = [_UNK, _BOS, _EOS, _PAD, "<fake_token_around_image>", "<image>", "<gl
 # Lowercase words of robot task instructions (covers every MetaWorld task description), digits and
 # punctuation. Anything else maps to the unknown token.
 
-_DIGITS = list("0123456789")
-_PUNCT = list(".,;:!?'\"-()/")
 
 # SmolVLM2-500M-Video-Instruct text model (a SmolLM2-360M Llama) and vision tower (SigLIP
 # base-patch16-512), as published in the model's config.json.
@@ -167,8 +165,7 @@ def _size_spec(size: str) -> dict[str, Any]:
 
 def _vocabulary() -> list[str]:
     """Token strings in id order: special tokens first, then words, digits and punctuation."""
-    seen: dict[str, None] = dict.fromkeys(_SPECIAL + INSTRUCTION_WORDS + _DIGITS + _PUNCT)
-    return list(seen)
+    return word_vocabulary(_SPECIAL)
 
 
 def _make_tokenizer(max_length: int) -> Any:
