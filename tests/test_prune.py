@@ -150,3 +150,17 @@ def test_lerobot_train_trains_the_pruned_checkpoint(tmp_path, spec):
     data = batch(trained)
     for a, b in zip(loss_and_chunk(trained.policy, data), loss_and_chunk(stock, data), strict=True):
         assert torch.equal(a, b)
+
+
+def test_reusing_analysis_json_gives_the_same_plan(tmp_path):
+    from vlaprune.analyze import run_analyze
+    from vlaprune.config import AnalyzeConfig
+
+    run_analyze(AnalyzeConfig(policy=PolicyArgs(path="tiny:smolvla"), dataset=DatasetArgs(repo_id="synthetic"),
+                              calibration=CalibrationArgs(num_samples=4, batch_size=2), out=str(tmp_path / "a")))
+    fresh = run_prune(_cfg(tmp_path / "fresh", refine=0))
+    cfg = _cfg(tmp_path / "reused", refine=0)
+    cfg.analysis = str(tmp_path / "a" / "analysis.json")
+    reused = run_prune(cfg)
+    assert reused.manifest["stacks"] == fresh.manifest["stacks"]
+    assert reused.manifest["calibration"]["analysis"] == cfg.analysis

@@ -35,6 +35,18 @@ class StackAnalysis:
     num_updates: int
     num_examples: int
 
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> StackAnalysis:
+        """The inverse of the per-stack entry of :meth:`Analysis.to_json`."""
+        return cls(
+            name=name,
+            num_layers=data["num_layers"],
+            cka=tuple(tuple(row) for row in data["cka"]),
+            cosine=tuple(tuple(row) for row in data["cosine"]),
+            num_updates=data["num_updates"],
+            num_examples=data["num_examples"],
+        )
+
     def adjacent(self) -> list[tuple[int, float]]:
         """(block index, CKA between its input and its output): high = the block barely changes the stream."""
         return [(i, self.cka[i][i + 1]) for i in range(self.num_layers)]
@@ -181,7 +193,7 @@ def analyze_policy(
 
 def run_analyze(cfg: AnalyzeConfig, *, on_batch: Callable[[int], None] | None = None) -> Analysis:
     """The ``vlaprune analyze`` entry point: load, calibrate, analyse, write ``cfg.out`` atomically."""
-    from .calibration import SYNTHETIC, calibration_batches
+    from .calibration import calibration_batches, describe_calibration
     from .policies import is_builtin, load_policy
     from .report import write_analysis
 
@@ -199,14 +211,7 @@ def run_analyze(cfg: AnalyzeConfig, *, on_batch: Callable[[int], None] | None = 
         config=calib,
         allow_synthetic=is_builtin(cfg.policy.path),
     )
-    calibration = {
-        "source": cfg.dataset.repo_id,
-        "root": cfg.dataset.root,
-        "synthetic": cfg.dataset.repo_id == SYNTHETIC,
-        "num_samples": calib.num_samples,
-        "batch_size": calib.batch_size,
-        "seed": calib.seed,
-    }
+    calibration = describe_calibration(cfg.dataset.repo_id, cfg.dataset.root, calib)
     analysis = analyze_policy(
         cfg.policy.path,
         bundle.policy,

@@ -44,6 +44,18 @@ class CalibrationConfig:
         return [self.batch_size] * full + ([rest] if rest else [])
 
 
+def describe_calibration(repo_id: str, root: str | Path | None, config: CalibrationConfig) -> dict[str, Any]:
+    """The record of where calibration frames came from, saved with every analysis and pruned checkpoint."""
+    return {
+        "source": repo_id,
+        "root": None if root is None else str(root),
+        "synthetic": repo_id == SYNTHETIC,
+        "num_samples": config.num_samples,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+    }
+
+
 def required_features(policy_config: Any) -> dict[str, Any]:
     """Features a calibration frame must carry: the policy's inputs and its action."""
     return {**policy_config.input_features, **policy_config.output_features}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .calibration import CalibrationConfig
+from .calibration import SYNTHETIC, CalibrationConfig
 from .capture import DEFAULT_TIMESTEPS, CaptureConfig
 from .cka import PRESETS, CKAConfig
 
@@ -176,7 +176,7 @@ class BenchConfig:
         if (self.pruned.path is None) == (not budgets):
             raise ValueError("give either --pruned.path (a pruned checkpoint of --policy.path) or one budget "
                              "(--ratio, --plan.keep, --plan.threshold or --plan.kept) to prune in memory")
-        if self.cameras is not None and (self.cameras < 1 or self.dataset.repo_id != "synthetic"):
+        if self.cameras is not None and (self.cameras < 1 or self.dataset.repo_id != SYNTHETIC):
             raise ValueError(f"--cameras={self.cameras}: a positive count, with --dataset.repo_id=synthetic "
                              "(a dataset brings its own cameras)")
         if self.trainable not in ("default", "all"):

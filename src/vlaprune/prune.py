@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .analyze import StackAnalysis, compute_stack_cka, library_versions, settings_dict
-from .calibration import SYNTHETIC, CalibrationConfig, calibration_batches
+from .calibration import CalibrationConfig, calibration_batches, describe_calibration
 from .checkpoint import original_indices, read_manifest, save_pruned
 from .config import PlanArgs, PruneConfig
 from .families import family_for
@@ -76,18 +76,9 @@ def build_problem(family: Family, policy: Any, stacks: dict[str, StackAnalysis],
 
 
 def load_analysis(path: Path) -> dict[str, StackAnalysis]:
+    """The per-stack matrices of an ``analysis.json`` written by ``vlaprune analyze``."""
     data = json.loads(path.read_text())
-    return {
-        name: StackAnalysis(
-            name=name,
-            num_layers=s["num_layers"],
-            cka=tuple(tuple(row) for row in s["cka"]),
-            cosine=tuple(tuple(row) for row in s["cosine"]),
-            num_updates=s["num_updates"],
-            num_examples=s["num_examples"],
-        )
-        for name, s in data["stacks"].items()
-    }
+    return {name: StackAnalysis.from_json(name, s) for name, s in data["stacks"].items()}
 
 
 def choose_plan(
@@ -176,10 +167,8 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
         "parameters": {"source": parameter_counts(source), "pruned": parameter_counts(pruned)},
         "chunk_linear_flops": {"source": flops_full, "pruned": flops_pruned,
                                "predicted_time_ratio": flops_pruned / flops_full},
-        "calibration": {"source": cfg.dataset.repo_id, "root": cfg.dataset.root,
-                        "synthetic": cfg.dataset.repo_id == SYNTHETIC, "num_samples": calib.num_samples,
-                        "holdout_samples": cfg.holdout_samples, "seed": calib.seed,
-                        "analysis": cfg.analysis},
+        "calibration": {**describe_calibration(cfg.dataset.repo_id, cfg.dataset.root, calib),
+                        "holdout_samples": cfg.holdout_samples, "analysis": cfg.analysis},
         "settings": {**settings_dict(cka, capture), "budget": {"ratio": cfg.plan.ratio, "keep": cfg.plan.keep,
                      "threshold": cfg.plan.threshold}, "refine": cfg.plan.refine, "protect": cfg.plan.protect,
                      "tolerance": cfg.tolerance},
