@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import statistics
 import threading
 import time
@@ -40,11 +41,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc/self/statm``: pages)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-_PAGE = 4096
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @contextmanager
@@ -395,7 +394,6 @@ def check_fits(
 
 def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The ``vlaprune bench`` entry point (``cfg`` is a :class:`vlaprune.config.BenchConfig`)."""
-    import os
     import platform
     from pathlib import Path
 

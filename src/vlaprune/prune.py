@@ -35,7 +35,7 @@ from .plan import (
     validate_kept,
 )
 from .surgery import remove_blocks
-from .verify import plan_damage, verify_pruned
+from .verify import PlanDamage, verify_pruned
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,14 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
         stacks = compute_stack_cka(source, batches(calib), family=family, cka=cka, capture=capture,
                                    on_batch=on_batch)
     problem = build_problem(family, source, stacks, cfg.plan.protect)
-    plan, candidates = choose_plan(cfg.plan, problem, lambda p: plan_damage(source, family, p.kept, holdout))
+    meter: list[PlanDamage] = []  # built on first use: the full source's chunks are computed once
+
+    def damage(plan: Plan) -> float:
+        if not meter:
+            meter.append(PlanDamage(source, family, holdout))
+        return meter[0](plan.kept)
+
+    plan, candidates = choose_plan(cfg.plan, problem, damage)
     kept = {name: list(idx) for name, idx in plan.kept.items()}
 
     pruned = remove_blocks(source, family, kept)

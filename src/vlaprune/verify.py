@@ -2,7 +2,7 @@
 
 Both use :func:`vlaprune.surgery.skip_blocks`: the source run with the removed blocks made exact
 identities. ``verify_pruned`` demands that the pruned policy equals that reference (loss at fixed
-noise and time, action chunk at fixed noise) within float32 tolerance; ``plan_damage`` measures how
+noise and time, action chunk at fixed noise) within float32 tolerance; ``PlanDamage`` measures how
 far that reference's action chunks move from the full source's, the real damage of a plan without
 training, used to choose between candidate plans.
 """
@@ -10,7 +10,7 @@ training, used to choose between candidate plans.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,20 +87,25 @@ def verify_pruned(
     return report
 
 
-@torch.no_grad()
-def plan_damage(
-    source: Any, family: Family, kept: Mapping[str, Sequence[int]], batches: Iterable[dict[str, Any]], *, seed: int = 0
-) -> float:
-    """Relative action-chunk deviation ``||a_skip − a_full|| / ||a_full||`` over held-out batches, fixed noise."""
-    removed = removed_blocks(family, source, kept)
-    num = den = 0.0
-    for index, batch in enumerate(batches):
-        noise, _ = _noise_and_time(source, batch, seed + index)
-        full = action_chunk(family, source, batch, noise)
-        with skip_blocks(source, family, removed):
-            skipped = action_chunk(family, source, batch, noise)
-        num += float((skipped - full).square().sum())
-        den += float(full.square().sum())
-    if den == 0.0:
-        raise ValueError("the source policy's action chunks are all zero; cannot measure damage")
-    return (num / den) ** 0.5
+class PlanDamage:
+    """``damage(kept)``: relative action-chunk deviation ``||a_skip − a_full|| / ||a_full||`` over
+    held-out batches at fixed noise. The full source's chunks are computed once, when the meter is
+    built, and reused for every candidate plan."""
+
+    @torch.no_grad()
+    def __init__(self, source: Any, family: Family, batches: Sequence[dict[str, Any]], *, seed: int = 0) -> None:
+        self.source, self.family, self.batches = source, family, list(batches)
+        self.noise = [_noise_and_time(source, batch, seed + i)[0] for i, batch in enumerate(self.batches)]
+        self.full = [action_chunk(family, source, b, n) for b, n in zip(self.batches, self.noise, strict=True)]
+        self.scale = sum(float(chunk.square().sum()) for chunk in self.full)
+        if self.scale == 0.0:
+            raise ValueError("the source policy's action chunks are all zero; cannot measure damage")
+
+    @torch.no_grad()
+    def __call__(self, kept: Mapping[str, Sequence[int]]) -> float:
+        removed = removed_blocks(self.family, self.source, kept)
+        num = 0.0
+        with skip_blocks(self.source, self.family, removed):
+            for batch, noise, full in zip(self.batches, self.noise, self.full, strict=True):
+                num += float((action_chunk(self.family, self.source, batch, noise) - full).square().sum())
+        return (num / self.scale) ** 0.5
