@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from vlaprune import load_policy
 from vlaprune.bench import _union_length, removed_time_share
 from vlaprune.config import BenchConfig, DatasetArgs, PolicyArgs, PrunedArgs
 from vlaprune.families import family_for
@@ -119,3 +120,37 @@ def test_bench_with_three_cameras():
     assert other[1] > 2 * other[0]
     with pytest.raises(ValueError, match="--cameras=2"):
         BenchConfig(policy=PolicyArgs(path="x"), ratio=0.5, cameras=2, dataset=DatasetArgs(repo_id="a/b")).validate()
+
+
+def test_bench_expert_only_training_and_frame_size():
+    from vlaprune.bench import run_bench
+
+    result = run_bench(BenchConfig(policy=PolicyArgs(path="tiny:pi0"), ratio=0.5, rounds=1, warmup=0,
+                                   trainable="expert", image_size=40))
+    assert result["trainable_set"] == "expert" and result["shared_weights"]
+    assert result["image_size"] == [[40, 40]]
+    for name in ("full", "pruned"):
+        params = result[name]["parameters"]
+        assert 0 < params["trainable"] < params["total"]
+    # only the action head trains: pruning removes trainable expert blocks, and frozen VLM blocks
+    full, pruned = result["full"]["parameters"], result["pruned"]["parameters"]
+    assert pruned["trainable"] < full["trainable"]
+    assert full["total"] - full["trainable"] > pruned["total"] - pruned["trainable"]
+    with pytest.raises(ValueError, match="--image_size=64"):
+        BenchConfig(policy=PolicyArgs(path="x"), ratio=0.5, image_size=64,
+                    dataset=DatasetArgs(repo_id="a/b")).validate()
+    with pytest.raises(ValueError, match="choose default, expert or all"):
+        BenchConfig(policy=PolicyArgs(path="x"), ratio=0.5, trainable="vlm").validate()
+
+
+def test_set_trainable_expert_freezes_the_backbone_only():
+    from vlaprune.bench import set_trainable
+    from vlaprune.families.base import resolve
+
+    bundle = load_policy("tiny:pi0")
+    policy, family = bundle.policy, family_for(bundle.policy)
+    set_trainable(policy, family, "expert")
+    backbone = {id(p) for path in family.backbone for p in resolve(policy, path).parameters()}
+    assert backbone
+    for p in policy.parameters():
+        assert p.requires_grad == (id(p) not in backbone)

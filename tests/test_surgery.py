@@ -63,7 +63,7 @@ def test_skip_blocks_hooks_are_removed(tiny):
 def test_role_breaking_plan_fails_on_shapes(tiny):
     policy = tiny("tiny:smolvla").policy
     bad = [0, 2, 3, 5]  # block 2 (self-attention) would land at position 1 (cross-attention)
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(RuntimeError, match="shape mismatch"):
         remove_blocks(policy, family_for(policy), {"vlm": bad, "expert": bad})
 
 
@@ -71,3 +71,24 @@ def test_lockstep_mismatch_is_refused(tiny):
     policy = tiny("tiny:smolvla").policy
     with pytest.raises(ValueError, match="lockstep"):
         remove_blocks(policy, family_for(policy), {"vlm": KEPT, "expert": [0, 1, 2, 3]})
+
+
+@pytest.mark.parametrize("spec", ["tiny:smolvla", "tiny:pi0"])
+def test_shared_weights_view_equals_copy_and_shares_storage(tiny, spec):
+    bundle = tiny(spec)
+    source = bundle.policy
+    family = family_for(source)
+    kept = {"vlm": KEPT, "expert": KEPT}
+    copy = remove_blocks(source, family, kept)
+    view = remove_blocks(source, family, kept, share_weights=True)
+
+    tensors = [*view.parameters(), *view.buffers()]
+    assert tensors and not any(t.is_meta for t in tensors)
+    source_ptrs = {t.data_ptr() for t in [*source.parameters(), *source.buffers()]}
+    assert all(p.data_ptr() in source_ptrs for p in view.parameters()), "the view copied weights"
+    assert not any(p.data_ptr() in source_ptrs for p in copy.parameters()), "the copy shares weights"
+    assert [p.requires_grad for p in view.parameters()] == [p.requires_grad for p in copy.parameters()]
+
+    data = batch(bundle)
+    for a, b in zip(loss_and_chunk(view, data), loss_and_chunk(copy, data), strict=True):
+        assert torch.equal(a, b)

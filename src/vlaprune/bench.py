@@ -325,11 +325,14 @@ def bench_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def set_cameras(policies: Sequence[Any], count: int) -> None:
-    """Give the policies ``count`` cameras: the first camera's feature, copied under new keys.
+def set_cameras(policies: Sequence[Any], count: int | None = None, size: int | None = None) -> None:
+    """Give the policies ``count`` cameras (the first camera's feature, copied under new keys) and
+    frames of ``size`` × ``size`` pixels; ``None`` leaves that as it is.
 
     The vision encoder is shared across cameras in SmolVLA and pi0, so this scales the prefix the way
-    a real multi-camera robot does; synthetic frames then carry every camera.
+    a real multi-camera robot does; synthetic frames then carry every camera. The policies resize
+    frames to their own input resolution (SmolVLA: 512 × 512 with padding, pi0: 224 × 224), so the
+    frame size changes the resize and preprocessing cost, not the token count.
     """
     import copy
 
@@ -338,11 +341,31 @@ def set_cameras(policies: Sequence[Any], count: int) -> None:
         cams = [k for k in features if k.startswith("observation.images.")]
         if not cams:
             raise ValueError(f"{policy.config.type} has no camera feature to copy")
-        for key in cams[count:]:
-            del features[key]
-        for i in range(len(cams), count):
-            features[f"observation.images.extra{i}"] = copy.deepcopy(features[cams[0]])
+        if count is not None:
+            for key in cams[count:]:
+                del features[key]
+            for i in range(len(cams), count):
+                features[f"observation.images.extra{i}"] = copy.deepcopy(features[cams[0]])
+        if size is not None:
+            for key in [k for k in features if k.startswith("observation.images.")]:
+                channels = tuple(features[key].shape)[0]
+                features[key] = replace(features[key], shape=(channels, size, size))
         policy.config.input_features = features
+
+
+def set_trainable(policy: Any, family: Family, which: str) -> None:
+    """``default``: as the policy's config built it; ``expert``: everything but the family's VLM
+    backbone (LeRobot's ``train_expert_only``); ``all``: every parameter."""
+    if which == "default":
+        return
+    if which not in ("expert", "all"):
+        raise ValueError(f"trainable set {which!r}: choose default, expert or all")
+    policy.requires_grad_(True)
+    if which == "expert":
+        if not family.backbone:
+            raise ValueError(f"family {family.name} names no backbone: cannot train its expert only")
+        for path in family.backbone:
+            resolve(policy, path).requires_grad_(False)
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -439,14 +462,16 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
         # timing needs the requested method's plan as is: no refine
         plan, _ = choose_plan(replace(cfg.plan, refine=0), problem, lambda p: float("nan"))
         kept = {name: list(idx) for name, idx in plan.kept.items()}
-        pruned = remove_blocks(full, family, kept)
         method = plan.method
+    full.to(dtype=dtype)
+    if cfg.pruned.path:
+        pruned.to(dtype=dtype)
+    else:  # a view on the full policy's weights: one copy in memory (real pi0: 16 GB in float32)
+        pruned = remove_blocks(full, family, kept, share_weights=True)
     for pol in (full, pruned):
-        pol.to(dtype=dtype)
-        if cfg.trainable == "all":
-            pol.requires_grad_(True)
-    if cfg.cameras is not None:
-        set_cameras([full, pruned], cfg.cameras)
+        set_trainable(pol, family, cfg.trainable)
+    if cfg.cameras is not None or cfg.image_size is not None:
+        set_cameras([full, pruned], cfg.cameras, cfg.image_size)
     observation = {k: v for k, v in batches(cfg.batch_size, 1)[0].items() if not k.startswith("action")}
     train_batch = batches(cfg.train_batch_size, 2)[0] if cfg.train_batch_size else None
     check_fits(full, observation, train_batch, lambda n: batches(n, 2)[0])
@@ -455,6 +480,8 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
     result.update({
         "policy": cfg.policy.path, "pruned_path": cfg.pruned.path, "method": method, "kept": kept,
         "dtype": cfg.dtype, "batch_size": cfg.batch_size, "cameras": len(full.config.image_features),
+        "image_size": [list(f.shape)[1:] for f in full.config.image_features.values()],
+        "shared_weights": not cfg.pruned.path,
         "train_batch_size": cfg.train_batch_size,
         "trainable_set": cfg.trainable,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "

@@ -164,8 +164,11 @@ class BenchConfig:
     rounds: int = 3
     warmup: int = 1
     dtype: str = "float32"  # float32 | bfloat16
-    trainable: str = "default"  # "default" = the family config's trainable set; "all" = every parameter
+    # "default" = the family config's trainable set; "expert" = all but the VLM backbone (LeRobot's
+    # train_expert_only); "all" = every parameter
+    trainable: str = "default"
     cameras: int | None = None  # synthetic data only: run with this many cameras (copies of the first)
+    image_size: int | None = None  # synthetic data only: camera frames of this height and width (pixels)
     out: str | None = None  # also write bench.json here
 
     def validate(self) -> None:
@@ -179,8 +182,11 @@ class BenchConfig:
         if self.cameras is not None and (self.cameras < 1 or self.dataset.repo_id != SYNTHETIC):
             raise ValueError(f"--cameras={self.cameras}: a positive count, with --dataset.repo_id=synthetic "
                              "(a dataset brings its own cameras)")
-        if self.trainable not in ("default", "all"):
-            raise ValueError(f"--trainable={self.trainable!r}: choose default or all")
+        if self.image_size is not None and (self.image_size < 1 or self.dataset.repo_id != SYNTHETIC):
+            raise ValueError(f"--image_size={self.image_size}: a positive size in pixels, with "
+                             "--dataset.repo_id=synthetic (a dataset brings its own frames)")
+        if self.trainable not in ("default", "expert", "all"):
+            raise ValueError(f"--trainable={self.trainable!r}: choose default, expert or all")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype={self.dtype!r}: choose float32 or bfloat16")
         if self.rounds < 1 or self.warmup < 0 or self.batch_size < 1 or self.train_batch_size < 0:

@@ -1,9 +1,10 @@
 """Surgery: a fresh pruned policy from the pruned config and the source's renumbered state dict.
 
 The source policy is never modified. The pruned policy is built by the family's surgeon from its
-pruned config (the same path LeRobot's loaders take), then the source state dict is renumbered per
-stack (``<stack>.layers.<orig_idx>.`` → ``<stack>.layers.<new_idx>.``, removed blocks dropped) and
-loaded with ``strict=True``: a checkpoint written from it is valid by construction.
+pruned config (the same classes LeRobot's loaders build) on the meta device, then takes the source's
+tensors renumbered per stack (``<stack>.layers.<orig_idx>.`` → ``<stack>.layers.<new_idx>.``,
+removed blocks dropped); its state dict must equal the source's renumbered one, names and shapes:
+a checkpoint written from it is valid by construction.
 
 ``skip_blocks`` is the independent reference: it runs the SOURCE policy with the removed blocks made
 exact identities (their residual branches output zeros), without touching any module list. Verify
@@ -26,13 +27,15 @@ from .families.base import Family, resolve
 logger = logging.getLogger(__name__)
 
 
+def _stack_patterns(family: Family) -> dict[str, re.Pattern[str]]:
+    return {spec.name: re.compile(rf"^{re.escape(spec.layers)}\.(\d+)(\..*)?$") for spec in family.stacks}
+
+
 def renumber_state_dict(
     state_dict: Mapping[str, Tensor], family: Family, kept: Mapping[str, Sequence[int]]
 ) -> dict[str, Tensor]:
     """Keys of kept blocks renumbered 0..K-1 in their new order, keys of removed blocks dropped."""
-    patterns = {
-        spec.name: re.compile(rf"^{re.escape(spec.layers)}\.(\d+)\.(.*)$") for spec in family.stacks
-    }
+    patterns = _stack_patterns(family)
     new_index = {name: {orig: new for new, orig in enumerate(kept[name])} for name in kept}
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
@@ -42,15 +45,24 @@ def renumber_state_dict(
                 orig = int(match.group(1))
                 if orig in new_index[name]:
                     spec = family.stack(name)
-                    out[f"{spec.layers}.{new_index[name][orig]}.{match.group(2)}"] = value
+                    out[f"{spec.layers}.{new_index[name][orig]}{match.group(2) or ''}"] = value
                 break
         else:
             out[key] = value
     return out
 
 
-def remove_blocks(policy: Any, family: Family, kept: Mapping[str, Sequence[int]]) -> Any:
-    """A new policy holding only the ``kept`` blocks (original indices per stack); ``policy`` is untouched."""
+def remove_blocks(
+    policy: Any, family: Family, kept: Mapping[str, Sequence[int]], *, share_weights: bool = False
+) -> Any:
+    """A new policy holding only the ``kept`` blocks (original indices per stack); ``policy`` is untouched.
+
+    The pruned policy is built by the family's surgeon on the meta device (no memory, no random
+    init), then every parameter, buffer and tensor attribute is taken from the source under its
+    renumbered name: copied, or with ``share_weights`` the source's very storage (a pruned *view* for
+    timing: no second copy of the weights, but training one changes the other). The result must hold
+    exactly the source's renumbered state dict, names and shapes, or this raises.
+    """
     if family.surgeon is None:
         raise ValueError(f"family {family.name!r} cannot be pruned yet (no surgeon)")
     depths = family.depths(policy)
@@ -58,17 +70,77 @@ def remove_blocks(policy: Any, family: Family, kept: Mapping[str, Sequence[int]]
     if missing:
         raise ValueError(f"the plan names no kept blocks for stack(s) {sorted(missing)} of {family.name}")
     config = family.surgeon.pruned_config(policy, kept)
-    pruned = family.surgeon.build(config)
-    pruned.to(next(policy.parameters()).device)
-    state = renumber_state_dict(policy.state_dict(), family, kept)
-    result = pruned.load_state_dict(state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys  # strict=True raised otherwise
+    device = config.device
+    config.device = "meta"  # LeRobot's constructors move the model to config.device
+    try:
+        with torch.device("meta"):
+            pruned = family.surgeon.build(config)
+    finally:
+        config.device = device
+    _take_tensors(pruned, policy, _source_namer(family, kept), share=share_weights)
+    expected = {k: tuple(v.shape) for k, v in renumber_state_dict(policy.state_dict(), family, kept).items()}
+    got = {k: tuple(v.shape) for k, v in pruned.state_dict().items()}
+    if got != expected:
+        diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+        raise RuntimeError(f"surgery of {family.name}: the pruned state dict differs from the source's renumbered "
+                           f"one at {diff[:5]}")
     new_depths = family.depths(pruned)
-    expected = {name: len(kept[name]) for name in depths}
-    if new_depths != expected:
-        raise RuntimeError(f"surgery produced depths {new_depths}, expected {expected}")
+    expected_depths = {name: len(kept[name]) for name in depths}
+    if new_depths != expected_depths:
+        raise RuntimeError(f"surgery produced depths {new_depths}, expected {expected_depths}")
     pruned.eval()
     return pruned
+
+
+def _source_namer(family: Family, kept: Mapping[str, Sequence[int]]) -> Any:
+    """Dotted name in the pruned policy → the same object's name in the source."""
+    patterns = _stack_patterns(family)
+
+    def source_name(name: str) -> str:
+        for stack, pattern in patterns.items():
+            match = pattern.match(name)
+            if match:
+                return f"{family.stack(stack).layers}.{kept[stack][int(match.group(1))]}{match.group(2) or ''}"
+        return name
+
+    return source_name
+
+
+def _take_tensors(pruned: nn.Module, source: nn.Module, source_name: Any, *, share: bool) -> None:
+    """Replace every meta tensor of ``pruned`` (parameters, buffers, plain tensor attributes) by the source's.
+
+    Tied parameters stay tied (one new parameter per meta parameter object).
+    """
+    modules = dict(source.named_modules(remove_duplicate=False))
+    made: dict[int, Tensor] = {}
+
+    def take(meta: Tensor, src: Any, where: str) -> Tensor:
+        if id(meta) in made:
+            return made[id(meta)]
+        if not isinstance(src, Tensor):
+            raise RuntimeError(f"surgery: the source has no tensor for {where} of the pruned policy")
+        if tuple(src.shape) != tuple(meta.shape):
+            raise RuntimeError(f"surgery: shape mismatch at {where}: {tuple(meta.shape)} in the pruned policy, "
+                               f"{tuple(src.shape)} in the source (a block moved to a position of another role?)")
+        data = src.detach() if share else src.detach().clone()
+        out = nn.Parameter(data, requires_grad=meta.requires_grad) if isinstance(meta, nn.Parameter) else data
+        made[id(meta)] = out
+        return out
+
+    for name, module in pruned.named_modules(remove_duplicate=False):
+        src_name = source_name(name) if name else name
+        if src_name not in modules:
+            raise RuntimeError(f"surgery: module {name!r} of the pruned policy has no source module {src_name!r}")
+        src_module = modules[src_name]
+        for key, value in module._parameters.items():
+            if value is not None and value.is_meta:
+                module._parameters[key] = take(value, src_module._parameters.get(key), f"{name}.{key}")  # type: ignore[assignment]
+        for key, value in module._buffers.items():
+            if value is not None and value.is_meta:
+                module._buffers[key] = take(value, src_module._buffers.get(key), f"{name}.{key}")
+        for key, value in vars(module).items():
+            if isinstance(value, Tensor) and value.is_meta:
+                setattr(module, key, take(value, getattr(src_module, key, None), f"{name}.{key}"))
 
 
 @contextmanager

@@ -105,7 +105,8 @@ class Surgeon(Protocol):
         ...
 
     def build(self, config: Any) -> Any:
-        """A fresh policy of ``config`` on the CPU, float32 (weights are loaded afterwards)."""
+        """A fresh policy of ``config``, float32, on the default device (surgery builds it on the meta
+        device and then gives it the source's tensors)."""
         ...
 
 
@@ -121,6 +122,9 @@ class Family:
     lockstep: tuple[tuple[str, ...], ...] = ()  # stacks that must lose the same indices
     role_rules: tuple[RoleRule, ...] = ()
     notes: tuple[str, ...] = ()
+    # modules of the VLM backbone (vision encoder, connector, language model): what LeRobot's
+    # ``train_expert_only`` freezes; everything else is the action head
+    backbone: tuple[str, ...] = ()
     runner: FlowRunner | None = None
     surgeon: Surgeon | None = None
 

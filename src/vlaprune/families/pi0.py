@@ -90,6 +90,7 @@ def _pi_family(
             "depth is not a config field (get_gemma_config fixes 18): pruned checkpoints need their own type",
             "renumber self_attn.layer_idx and set num_hidden_layers on both HF configs after pruning",
         ),
+        backbone=("model.paligemma_with_expert.paligemma",),
         runner=PiRunner(state_in_suffix=state_in_suffix),
         surgeon=surgeon,
     )
@@ -153,7 +154,7 @@ class PiSurgeon:
         from lerobot_policy_vlaprune.modeling_pi05_pruned import PI05PrunedPolicy
 
         policy_cls = PI05PrunedPolicy if isinstance(config, PI05PrunedConfig) else PI0PrunedPolicy
-        return policy_cls(config).to(device="cpu", dtype=torch.float32)
+        return policy_cls(config).to(dtype=torch.float32)
 
 
 PI0 = register_family(

@@ -94,7 +94,7 @@ class SmolVLASurgeon:
     def build(self, config: Any) -> Any:
         from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-        return SmolVLAPolicy(config).to(device="cpu", dtype=torch.float32)
+        return SmolVLAPolicy(config).to(dtype=torch.float32)
 
 
 SMOLVLA = register_family(
@@ -125,6 +125,7 @@ SMOLVLA = register_family(
             "LeRobot 0.6.1 builds cross-attention expert layers by expert index but runs them by VLM index: "
             "num_expert_layers < num_vlm_layers with cross-attention fails on shapes in stock LeRobot",
         ),
+        backbone=("model.vlm_with_expert.vlm",),
         runner=SmolVLARunner(),
         surgeon=SmolVLASurgeon(),
     )
