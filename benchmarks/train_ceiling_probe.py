@@ -1,10 +1,14 @@
 """Where does a pruned SmolVLA's training-step gain come from? (open question of the speed benchmark)
 
-Times, on ``real:smolvla`` and its cka-run-like 50% plan [0..6, 11], the forward+backward and the
-AdamW step of the full and the pruned policy, and for the full one the time measured inside the
-removed blocks (forward between block boundaries, backward between gradient arrivals), median of 3.
-If the pruned saving is larger than the removed blocks' time, the ceiling misses depth-proportional
-work outside the blocks.
+On ``real:smolvla`` and the 50% plan [0..6, 11] (kept in both stacks), per policy, median of 3,
+alternating full and pruned:
+
+* forward+backward and the AdamW step, without any hooks (the saving to explain);
+* with the block timers of ``vlaprune bench``: the time inside all blocks, inside the blocks the
+  plan keeps, inside the blocks it removes (full model only), and outside every block.
+
+If the saving exceeds the full model's time inside the removed blocks, this says whether the rest
+comes from the kept blocks running faster in the shallower model or from work outside the blocks.
 
     python benchmarks/train_ceiling_probe.py
 """
@@ -14,56 +18,73 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from typing import Any
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vlaprune import load_policy
-from vlaprune.bench import _removed_seconds, _timed, train_step
+from vlaprune.bench import _block_intervals, _timed, _union_length, train_step
 from vlaprune.calibration import CalibrationConfig, synthetic_batches
 from vlaprune.families import family_for
 from vlaprune.surgery import remove_blocks
 
 KEPT = [0, 1, 2, 3, 4, 5, 6, 11]
+DEPTH = 16
 
 
 def main() -> None:
     bundle = load_policy("real:smolvla")
     full = bundle.policy
     family = family_for(full)
-    removed = {name: [i for i in range(16) if i not in KEPT] for name in ("vlm", "expert")}
-    pruned = remove_blocks(full, family, {"vlm": KEPT, "expert": KEPT})
+    pruned = remove_blocks(full, family, {"vlm": KEPT, "expert": KEPT}, share_weights=True)
     batch = bundle.preprocessor(next(synthetic_batches(full.config, CalibrationConfig(2, 2, 2))))
     device = torch.device("cpu")
-    out = {}
-    for name, policy in (("full", full), ("pruned", pruned)):
-        opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
-        train_step(policy, batch, opt)  # warm-up
+    # block indices of each policy that correspond to the kept / removed original blocks
+    groups = {
+        "full": {"kept": KEPT, "removed": [i for i in range(DEPTH) if i not in KEPT]},
+        "pruned": {"kept": list(range(len(KEPT))), "removed": []},
+    }
+    policies = {"full": full, "pruned": pruned}
+    optimizers = {n: torch.optim.AdamW([p for p in pol.parameters() if p.requires_grad], lr=1e-5)
+                  for n, pol in policies.items()}
+    samples: dict[str, dict[str, list[float]]] = {n: {} for n in policies}
 
-        def forward_backward(policy=policy) -> None:
-            policy.train()
-            loss, _ = policy.forward(batch)
-            loss.backward()
+    def forward_backward(policy: Any) -> None:
+        policy.train()
+        loss, _ = policy.forward(batch)
+        loss.backward()
 
-        def step(opt=opt) -> None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    for name, policy in policies.items():
+        train_step(policy, batch, optimizers[name])  # warm-up
+    for _ in range(3):
+        for name, policy in policies.items():
+            rec = samples[name]
+            rec.setdefault("forward_backward_s", []).append(_timed(lambda p=policy: forward_backward(p), device))
+            optimizer = optimizers[name]
+            rec.setdefault("optimizer_s", []).append(_timed(lambda o=optimizer: (o.step(), o.zero_grad()), device))
+            with _block_intervals(policy, family, device) as log:
+                total = _timed(lambda p=policy: forward_backward(p), device)
+            optimizer.zero_grad(set_to_none=True)
 
-        fb, st, rem = [], [], []
-        for _ in range(3):
-            if name == "full":
-                r, t = _removed_seconds(policy, family, removed, forward_backward, device)
-                rem.append(r)
-                fb.append(t)
-            else:
-                fb.append(_timed(forward_backward, device))
-            st.append(_timed(step, device))
-        out[name] = {"forward_backward_s": statistics.median(fb), "optimizer_s": statistics.median(st),
-                     "inside_removed_blocks_s": statistics.median(rem) if rem else None}
-    saved = out["full"]["forward_backward_s"] - out["pruned"]["forward_backward_s"]
-    print(f"forward+backward saved by pruning: {saved:.2f} s; measured inside the removed blocks of the full "
-          f"model: {out['full']['inside_removed_blocks_s']:.2f} s")
+            def inside(indices: list[int], log: dict[str, list[list[float]]] = log) -> float:
+                return _union_length([iv for stack in ("vlm", "expert") for i in indices
+                                      for iv in log.get(f"{stack}:{i}", [])])
+
+            every = inside(list(range(len(family.layers(policy, "vlm")))))
+            rec.setdefault("hooked_total_s", []).append(total)
+            rec.setdefault("inside_all_blocks_s", []).append(every)
+            rec.setdefault("inside_kept_blocks_s", []).append(inside(groups[name]["kept"]))
+            rec.setdefault("inside_removed_blocks_s", []).append(inside(groups[name]["removed"]))
+            rec.setdefault("outside_blocks_s", []).append(total - every)
+    out = {n: {k: statistics.median(v) for k, v in rec.items()} for n, rec in samples.items()}
+    f, p = out["full"], out["pruned"]
+    saved = f["forward_backward_s"] - p["forward_backward_s"]
+    print(f"forward+backward saved by pruning: {saved:.2f} s (no hooks)")
+    print(f"  full model, inside the removed blocks: {f['inside_removed_blocks_s']:.2f} s")
+    print(f"  kept blocks, full → pruned model: {f['inside_kept_blocks_s']:.2f} → {p['inside_kept_blocks_s']:.2f} s")
+    print(f"  outside every block, full → pruned: {f['outside_blocks_s']:.2f} → {p['outside_blocks_s']:.2f} s")
     print(json.dumps(out))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 import statistics
 import threading
 import time
@@ -242,6 +243,10 @@ def compare(
         name: torch.optim.AdamW([p for p in pol.parameters() if p.requires_grad], lr=1e-5)
         for name, pol in policies.items()
     } if train_batch is not None else {}
+    if optimizers and {id(p) for p in pruned.parameters()} <= {id(p) for p in full.parameters()}:
+        # a pruned view holds the full policy's parameter objects: one AdamW state per parameter
+        # (each optimizer still steps only its own policy's parameters)
+        optimizers["pruned"].state = optimizers["full"].state
     timings = {name: PolicyTimings() for name in policies}
     for _ in range(warmup):
         for name, pol in policies.items():
@@ -348,7 +353,7 @@ def set_cameras(policies: Sequence[Any], count: int | None = None, size: int | N
                 features[f"observation.images.extra{i}"] = copy.deepcopy(features[cams[0]])
         if size is not None:
             for key in [k for k in features if k.startswith("observation.images.")]:
-                channels = tuple(features[key].shape)[0]
+                channels = features[key].shape[0]
                 features[key] = replace(features[key], shape=(channels, size, size))
         policy.config.input_features = features
 
@@ -488,5 +493,6 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
                    f"{torch.get_num_threads()} threads"
                    + (f", {torch.cuda.get_device_name(0)}" if str(result["device"]).startswith("cuda") else ""),
         "versions": library_versions(),
+        "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
     })
     return result

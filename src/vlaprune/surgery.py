@@ -59,8 +59,8 @@ def remove_blocks(
 
     The pruned policy is built by the family's surgeon on the meta device (no memory, no random
     init), then every parameter, buffer and tensor attribute is taken from the source under its
-    renumbered name: copied, or with ``share_weights`` the source's very storage (a pruned *view* for
-    timing: no second copy of the weights, but training one changes the other). The result must hold
+    renumbered name: copied, or with ``share_weights`` the source's very objects (a pruned *view* for
+    timing: no second copy of the weights, but training one trains the other). The result must hold
     exactly the source's renumbered state dict, names and shapes, or this raises.
     """
     if family.surgeon is None:
@@ -122,8 +122,11 @@ def _take_tensors(pruned: nn.Module, source: nn.Module, source_name: Any, *, sha
         if tuple(src.shape) != tuple(meta.shape):
             raise RuntimeError(f"surgery: shape mismatch at {where}: {tuple(meta.shape)} in the pruned policy, "
                                f"{tuple(src.shape)} in the source (a block moved to a position of another role?)")
-        data = src.detach() if share else src.detach().clone()
-        out = nn.Parameter(data, requires_grad=meta.requires_grad) if isinstance(meta, nn.Parameter) else data
+        if share and isinstance(meta, nn.Parameter) == isinstance(src, nn.Parameter):
+            out = src  # the very same parameter or buffer object
+        else:
+            data = src.detach() if share else src.detach().clone()
+            out = nn.Parameter(data, requires_grad=meta.requires_grad) if isinstance(meta, nn.Parameter) else data
         made[id(meta)] = out
         return out
 
