@@ -137,7 +137,7 @@ def _take_tensors(pruned: nn.Module, source: nn.Module, source_name: Any, *, sha
         src_module = modules[src_name]
         for key, value in module._parameters.items():
             if value is not None and value.is_meta:
-                module._parameters[key] = take(value, src_module._parameters.get(key), f"{name}.{key}")  # type: ignore[assignment]
+                module._parameters[key] = take(value, src_module._parameters.get(key), f"{name}.{key}")
         for key, value in module._buffers.items():
             if value is not None and value.is_meta:
                 module._buffers[key] = take(value, src_module._buffers.get(key), f"{name}.{key}")
