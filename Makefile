@@ -16,7 +16,7 @@ PLUGIN := plugins/lerobot_policy_vlaprune
 
 $(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[lerobot,dev]'
+	$(PY) -m pip install --quiet -e '.[lerobot,dev,metaworld]'
 	$(PY) -m pip install --quiet -e $(PLUGIN) --no-deps
 	@touch $(STAMP)
 
