@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -92,7 +92,7 @@ def remove_blocks(
     return pruned
 
 
-def _source_namer(family: Family, kept: Mapping[str, Sequence[int]]) -> Any:
+def _source_namer(family: Family, kept: Mapping[str, Sequence[int]]) -> Callable[[str], str]:
     """Dotted name in the pruned policy → the same object's name in the source."""
     patterns = _stack_patterns(family)
 
@@ -106,7 +106,9 @@ def _source_namer(family: Family, kept: Mapping[str, Sequence[int]]) -> Any:
     return source_name
 
 
-def _take_tensors(pruned: nn.Module, source: nn.Module, source_name: Any, *, share: bool) -> None:
+def _take_tensors(
+    pruned: nn.Module, source: nn.Module, source_name: Callable[[str], str], *, share: bool
+) -> None:
     """Replace every meta tensor of ``pruned`` (parameters, buffers, plain tensor attributes) by the source's.
 
     Tied parameters stay tied (one new parameter per meta parameter object).
@@ -131,7 +133,7 @@ def _take_tensors(pruned: nn.Module, source: nn.Module, source_name: Any, *, sha
         return out
 
     for name, module in pruned.named_modules(remove_duplicate=False):
-        src_name = source_name(name) if name else name
+        src_name = source_name(name)
         if src_name not in modules:
             raise RuntimeError(f"surgery: module {name!r} of the pruned policy has no source module {src_name!r}")
         src_module = modules[src_name]
