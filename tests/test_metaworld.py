@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from vlaprune import metaworld as mw
 
@@ -51,3 +52,42 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(RuntimeError, match="raise max_steps"):
         mw.generate_demos(_small(max_steps=1, max_attempts_per_task=2), tmp_path / "y", progress=False)
     assert not (tmp_path / "y").exists() and not (tmp_path / "y.partial").exists()
+
+
+def test_small_smolvla_for_the_demonstrations_trains_with_lerobot_train(tmp_path):
+    """The start of the quality study: an untrained small SmolVLA (12 + 12 layers) built for the
+    MetaWorld dataset's features and statistics, saved, and trained by stock ``lerobot-train``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vlaprune.builtin import smolvla
+    from vlaprune.families import family_for
+
+    root = tmp_path / "demos"
+    mw.generate_demos(_small(episodes_per_task=1, image_size=64), root, progress=False)
+    bundle = smolvla.build_for_dataset("small", root, "local/metaworld", seed=0)
+    assert family_for(bundle.policy).depths(bundle.policy) == {"vlm": 12, "expert": 12}
+    assert set(bundle.policy.config.input_features) == {mw.IMAGE_KEY, mw.STATE_KEY}
+    assert all(p.requires_grad for p in bundle.policy.parameters())  # from scratch: the VLM trains too
+    start = tmp_path / "start"
+    bundle.policy.save_pretrained(start)
+    bundle.preprocessor.save_pretrained(start)
+    bundle.postprocessor.save_pretrained(start)
+
+    out = tmp_path / "train"
+    cmd = [str(Path(sys.executable).with_name("lerobot-train")), f"--policy.path={start}",
+           "--dataset.repo_id=local/metaworld", f"--dataset.root={root}", "--steps=2", "--batch_size=2",
+           "--save_freq=2", "--log_freq=1", "--num_workers=0", f"--output_dir={out}", "--policy.device=cpu",
+           "--policy.push_to_hub=false", "--wandb.enable=false", "--env_eval_freq=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=580)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    trained = out / "checkpoints" / "000002" / "pretrained_model"
+    assert (trained / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    before, after = bundle.policy.state_dict(), load_file(trained / "model.safetensors")
+    vlm_key = next(k for k in after if ".text_model.layers.0.mlp.up_proj.weight" in k)
+    assert not torch.equal(before[vlm_key], after[vlm_key]), "lerobot-train left the VLM frozen"

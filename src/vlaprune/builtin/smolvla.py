@@ -35,7 +35,7 @@ from .common import (
 
 logger = logging.getLogger(__name__)
 
-Size = Literal["tiny", "real"]
+Size = Literal["tiny", "small", "real"]
 
 # Bump when the generated directory's layout changes, so old caches are not reused.
 _FORMAT_VERSION = 1
@@ -78,10 +78,21 @@ _TINY_VISION = {
     "image_size": 64, "patch_size": 8,
 }
 
+# Small: trainable from scratch on a CPU (MetaWorld quality study): 16 text layers of which SmolVLA
+# keeps 12, 12 expert layers; 64 px frames, 16 image tokens.
+_SMALL_TEXT = {**_TINY_TEXT, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 16,
+               "head_dim": 32}
+_SMALL_VISION = {**_TINY_VISION, "hidden_size": 128, "intermediate_size": 256}
+
 _SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
         "text": _TINY_TEXT, "vision": _TINY_VISION, "scale_factor": 2, "raw_image_hw": 96,
         "policy": {"num_vlm_layers": 8, "chunk_size": 10, "n_action_steps": 10, "num_steps": 4,
+                   "tokenizer_max_length": 16},
+    },
+    "small": {
+        "text": _SMALL_TEXT, "vision": _SMALL_VISION, "scale_factor": 2, "raw_image_hw": 64,
+        "policy": {"num_vlm_layers": 12, "chunk_size": 20, "n_action_steps": 10, "num_steps": 10,
                    "tokenizer_max_length": 16},
     },
     "real": {
@@ -92,11 +103,14 @@ _SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def build(size: Size, *, seed: int = 0) -> PolicyBundle:
+def build(size: Size, *, seed: int = 0, features: tuple[dict[str, Any], dict[str, Any]] | None = None,
+          dataset_stats: dict[str, dict[str, Any]] | None = None) -> PolicyBundle:
     """Build ``<size>:smolvla``: a ``SmolVLAPolicy`` (eval, float32, CPU) and LeRobot's stock processors.
 
     Deterministic for a given ``seed``; the global torch RNG state is left as it was. Only the
-    generated SmolVLM directory is cached (on disk); weights are always freshly seeded.
+    generated SmolVLM directory is cached (on disk); weights are always freshly seeded. ``features``
+    (input, output ``PolicyFeature`` dicts) and ``dataset_stats`` default to the built-ins' synthetic
+    camera, 6-d state and action (see :func:`build_for_dataset`).
     """
     spec = _size_spec(size)
     from lerobot.configs import FeatureType, PolicyFeature
@@ -107,6 +121,11 @@ def build(size: Size, *, seed: int = 0) -> PolicyBundle:
     vlm_dir = smolvlm_dir(size)
     image_size = spec["vision"]["image_size"]
     hw = spec["raw_image_hw"]
+    inputs, outputs = features or (
+        {CAMERA_KEY: PolicyFeature(type=FeatureType.VISUAL, shape=(3, hw, hw)),
+         STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,))},
+        {ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
+    )
     config = SmolVLAConfig(
         vlm_model_name=str(vlm_dir),
         load_vlm_weights=False,
@@ -117,11 +136,8 @@ def build(size: Size, *, seed: int = 0) -> PolicyBundle:
         attention_mode="cross_attn",
         self_attn_every_n_layers=2,
         expert_width_multiplier=0.75,
-        input_features={
-            CAMERA_KEY: PolicyFeature(type=FeatureType.VISUAL, shape=(3, hw, hw)),
-            STATE_KEY: PolicyFeature(type=FeatureType.STATE, shape=(STATE_DIM,)),
-        },
-        output_features={ACTION_KEY: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,))},
+        input_features=inputs,
+        output_features=outputs,
         **spec["policy"],
     )
     with torch.random.fork_rng(devices=[]):
@@ -132,12 +148,35 @@ def build(size: Size, *, seed: int = 0) -> PolicyBundle:
         spread_linear_weights(policy, seed=seed)
         perturb_parameters(policy, seed=seed)
     policy.eval()
-    features = {**config.input_features, **config.output_features}
-    preprocessor, postprocessor = make_pre_post_processors(
-        config, dataset_stats=synthetic_dataset_stats(features)
-    )
+    stats = dataset_stats or synthetic_dataset_stats({**config.input_features, **config.output_features})
+    preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=stats)
     return PolicyBundle(spec=f"{size}:smolvla", policy=policy, preprocessor=preprocessor,
                        postprocessor=postprocessor)
+
+
+def build_for_dataset(size: Size, root: Path, repo_id: str, *, seed: int = 0) -> PolicyBundle:
+    """An untrained ``<size>:smolvla`` with the cameras, state and action of the LeRobotDataset at
+    ``root``, processors normalising with its statistics and every parameter trainable: the starting
+    point of training from scratch (``policy.save_pretrained`` + the processors' ``save_pretrained`` into one directory,
+    then ``lerobot-train --policy.path=DIR``)."""
+    from lerobot.configs import FeatureType
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+    from lerobot.utils.feature_utils import dataset_to_policy_features
+
+    meta = LeRobotDatasetMetadata(repo_id, root=root)
+    policy_features = dataset_to_policy_features(meta.features)
+    outputs = {k: f for k, f in policy_features.items() if f.type is FeatureType.ACTION}
+    inputs = {k: f for k, f in policy_features.items() if k not in outputs}
+    if not outputs or not any(f.type is FeatureType.VISUAL for f in inputs.values()):
+        raise ValueError(f"{root}: a SmolVLA policy needs an action feature and at least one camera; the dataset "
+                         f"has {sorted(policy_features)}")
+    bundle = build(size, seed=seed, features=(inputs, outputs), dataset_stats=meta.stats)
+    # from scratch, the VLM must learn too: SmolVLA's defaults freeze it (train_expert_only,
+    # freeze_vision_encoder); the saved config makes lerobot-train build it trainable as well
+    bundle.policy.config.train_expert_only = False
+    bundle.policy.config.freeze_vision_encoder = False
+    bundle.policy.requires_grad_(True)
+    return bundle
 
 
 def smolvlm_dir(size: Size) -> Path:
