@@ -91,3 +91,32 @@ def test_small_smolvla_for_the_demonstrations_trains_with_lerobot_train(tmp_path
     before, after = bundle.policy.state_dict(), load_file(trained / "model.safetensors")
     vlm_key = next(k for k in after if ".text_model.layers.0.mlp.up_proj.weight" in k)
     assert not torch.equal(before[vlm_key], after[vlm_key]), "lerobot-train left the VLM frozen"
+
+
+def test_rollout_counts_the_experts_successes():
+    env = mw.make_env("reach-v3", 32)
+    try:
+        def expert(_obs, raw_obs, env):
+            return env.expert_policy.get_action(raw_obs)
+
+        def idle(_obs, _raw_obs, _env):
+            return np.zeros(4, dtype=np.float32)
+
+        ok, steps = mw.rollout(env, expert, mw.EVAL_SEED_BASE, 150)
+        assert ok and 0 < steps < 150
+        assert mw.rollout(env, idle, mw.EVAL_SEED_BASE, 20) == (False, 20)
+    finally:
+        env.close()
+
+
+def test_evaluate_runs_a_policy_as_lerobot_eval_does(tmp_path):
+    from vlaprune.builtin import smolvla
+
+    root = tmp_path / "demos"
+    mw.generate_demos(_small(episodes_per_task=1, image_size=32), root, progress=False)
+    bundle = smolvla.build_for_dataset("small", root, "local/metaworld", seed=0)
+    result = mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor, ["reach-v3"],
+                         episodes_per_task=2, image_size=32, max_steps=12, progress=False)
+    task = result["tasks"]["reach-v3"]
+    assert task["episodes"] == 2 and len(task["steps"]) == 2 and all(1 <= n <= 12 for n in task["steps"])
+    assert result["success_rate"] == task["success_rate"] == task["successes"] / 2

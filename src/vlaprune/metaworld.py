@@ -1,9 +1,12 @@
-"""MetaWorld demonstrations through LeRobot 0.6.1's own environment, rendered fast on the CPU.
+"""MetaWorld through LeRobot 0.6.1's own environment, rendered fast on the CPU: scripted
+demonstrations into a LeRobotDataset, and closed-loop success of a policy.
 
 Frames come from LeRobot's ``MetaworldEnv`` (camera ``corner2``, flipped upright as LeRobot does,
 4-d ``agent_pos``), so a policy trained on these demonstrations sees in evaluation the observation
-a LeRobot user's ``lerobot-eval --env.type=metaworld`` gives it. Actions come from MetaWorld's
-scripted expert for the task (LeRobot's ``TASK_POLICY_MAPPING``); only successful episodes are kept.
+a LeRobot user's ``lerobot-eval --env.type=metaworld`` gives it, and :func:`evaluate` runs a policy
+the way ``lerobot-eval`` does (same observation conversion, task text and processors). Actions of
+the demonstrations come from MetaWorld's scripted expert for the task (LeRobot's
+``TASK_POLICY_MAPPING``); only successful episodes are kept.
 Instructions are LeRobot's ``TASK_DESCRIPTIONS`` (the ``task`` string its evaluation feeds the
 policy), e.g. "Open a drawer" for ``drawer-open-v3``.
 
@@ -23,7 +26,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,24 +157,41 @@ def _features(size: int) -> dict[str, Any]:
     }
 
 
+# (LeRobot observation, raw 39-d MetaWorld observation, env) -> action (4,)
+Act = Callable[[dict[str, Any], np.ndarray, Any], np.ndarray]
+
+
+def rollout(env: Any, act: Act, seed: int, max_steps: int) -> tuple[bool, int]:
+    """One closed-loop episode of LeRobot's ``MetaworldEnv`` from ``reset(seed)``: (success, steps).
+
+    Steps the underlying MetaWorld env (LeRobot's ``step`` resets it on success) and formats each
+    observation with LeRobot's own ``_format_raw_obs`` (render, flip upright).
+    """
+    obs, _ = env.reset(seed=seed)
+    raw_obs = env._env._get_obs()
+    for step in range(1, max_steps + 1):
+        raw_obs, _, _, truncated, info = env._env.step(np.asarray(act(obs, raw_obs, env), dtype=np.float32))
+        if info.get("success"):
+            return True, step
+        if truncated:
+            return False, step
+        obs = env._format_raw_obs(raw_obs)
+    return False, max_steps
+
+
 def expert_episode(env: Any, seed: int, max_steps: int) -> tuple[list[dict[str, np.ndarray]], bool]:
     """One episode of the task's scripted expert from ``reset(seed)``: frames (image, state, action)
     up to and including the step that succeeds, and whether it did."""
-    obs, _ = env.reset(seed=seed)
-    raw_obs = env._env._get_obs()
-    expert = env.expert_policy
-    frames = []
-    for _ in range(max_steps):
-        action = np.clip(expert.get_action(raw_obs), -1.0, 1.0).astype(np.float32)
+    frames: list[dict[str, np.ndarray]] = []
+
+    def act(obs: dict[str, Any], raw_obs: np.ndarray, env: Any) -> np.ndarray:
+        action = np.clip(env.expert_policy.get_action(raw_obs), -1.0, 1.0).astype(np.float32)
         frames.append({IMAGE_KEY: np.ascontiguousarray(obs["pixels"]),
                        STATE_KEY: np.asarray(obs["agent_pos"], dtype=np.float32), "action": action})
-        raw_obs, _, _, truncated, info = env._env.step(action)
-        if info.get("success"):
-            return frames, True
-        if truncated:
-            break
-        obs = env._format_raw_obs(raw_obs)  # LeRobot's own formatting: render, flip upright
-    return frames, False
+        return action
+
+    success, _ = rollout(env, act, seed, max_steps)
+    return frames, success
 
 
 def generate_demos(config: DemoConfig, root: Path, repo_id: str = "local/metaworld",
@@ -236,3 +257,54 @@ def _record(config: DemoConfig, root: Path, repo_id: str, progress: bool) -> Dem
     bar.close()
     dataset.finalize()
     return summary
+
+
+def policy_actor(policy: Any, preprocessor: Any, postprocessor: Any) -> Act:
+    """Act as ``lerobot-eval`` does: LeRobot's ``preprocess_observation``, the env's task description,
+    the policy's processors, ``select_action`` (a new chunk when the queue is empty), unnormalise.
+    Call ``policy.reset()`` at the start of each episode."""
+    import torch
+    from lerobot.envs.utils import preprocess_observation
+
+    def act(obs: dict[str, Any], _raw_obs: np.ndarray, env: Any) -> np.ndarray:
+        observation = preprocess_observation({"pixels": obs["pixels"][None], "agent_pos": obs["agent_pos"][None]})
+        observation["task"] = [env.task_description]
+        with torch.inference_mode():
+            action = policy.select_action(preprocessor(observation))
+        return np.asarray(postprocessor(action).to("cpu").numpy()[0])
+
+    return act
+
+
+def evaluate(policy: Any, preprocessor: Any, postprocessor: Any, tasks: Sequence[str], *,
+             episodes_per_task: int = 20, image_size: int = 64, max_steps: int = 200, seed: int = 0,
+             progress: bool = True) -> dict[str, Any]:
+    """Closed-loop success of ``policy`` on ``tasks``, from evaluation seeds (``EVAL_SEED_BASE`` +
+    ``seed`` · 100,000 + task index · 1000 + episode) that no demonstration uses."""
+    from tqdm import tqdm
+
+    check_tasks(tasks)
+    if episodes_per_task < 1 or max_steps < 1:
+        raise ValueError("episodes_per_task and max_steps must be >= 1")
+    policy.eval()
+    act = policy_actor(policy, preprocessor, postprocessor)
+    per_task: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(tasks) * episodes_per_task, desc="evaluation episodes", disable=not progress)
+    start = time.perf_counter()
+    for t, task in enumerate(tasks):
+        env = make_env(task, image_size)
+        results = []
+        try:
+            for k in range(episodes_per_task):
+                policy.reset()
+                results.append(rollout(env, act, EVAL_SEED_BASE + seed * 100_000 + t * 1000 + k, max_steps))
+                bar.update(1)
+        finally:
+            env.close()
+        per_task[task] = {"episodes": len(results), "successes": sum(ok for ok, _ in results),
+                          "success_rate": sum(ok for ok, _ in results) / len(results),
+                          "steps": [n for _, n in results]}
+    bar.close()
+    rates = [r["success_rate"] for r in per_task.values()]
+    return {"success_rate": sum(rates) / len(rates), "tasks": per_task, "seed": seed,
+            "max_steps": max_steps, "image_size": image_size, "seconds": time.perf_counter() - start}
