@@ -1,0 +1,85 @@
+"""Pretrain the small SmolVLA of the quality study on MetaWorld demonstrations (first step of issue 5).
+
+1. scripted demonstrations of the pretraining tasks (MT10 minus the held-out ones) at 64 px;
+2. an untrained ``small`` SmolVLA for that dataset (12 VLM + 12 expert layers, 3.6M parameters),
+   saved as a LeRobot checkpoint;
+3. stock ``lerobot-train`` for ``--steps``;
+4. closed-loop success on the pretraining tasks (evaluation seeds, not the demonstrations').
+
+    python benchmarks/metaworld_pretrain.py --out outputs/mw_pretrain [--episodes 20] [--steps 3000]
+
+Every stage reuses what a previous run of the same settings finished under ``--out``; the results
+(settings, timings, success per task) go to ``<out>/pretrain.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from vlaprune import metaworld as mw
+from vlaprune.builtin import smolvla
+from vlaprune.policies import load_policy
+
+HELD_OUT = ("drawer-close-v3", "window-close-v3")  # left for fine-tuning
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--episodes", type=int, default=20, help="demonstrations per pretraining task")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--eval_episodes", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    tasks = tuple(t for t in mw.MT10 if t not in HELD_OUT)
+    args.out.mkdir(parents=True, exist_ok=True)
+    data, start, train = args.out / "demos", args.out / "start", args.out / f"train_{args.steps}"
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    if not data.exists():
+        mw.generate_demos(mw.DemoConfig(tasks=tasks, episodes_per_task=args.episodes, image_size=64,
+                                        seed=args.seed), data)
+    timings["demos_s"] = time.perf_counter() - t0
+    if not start.exists():
+        bundle = smolvla.build_for_dataset("small", data, "local/metaworld", seed=args.seed)
+        tmp = start.with_name(start.name + ".partial")
+        for part in (bundle.policy, bundle.preprocessor, bundle.postprocessor):
+            part.save_pretrained(tmp)
+        tmp.rename(start)
+    final = train / "checkpoints" / f"{args.steps:06d}" / "pretrained_model"
+    t0 = time.perf_counter()
+    if not final.exists():
+        cmd = [str(Path(sys.executable).with_name("lerobot-train")), f"--policy.path={start}",
+               "--dataset.repo_id=local/metaworld", f"--dataset.root={data}", f"--steps={args.steps}",
+               f"--batch_size={args.batch_size}", f"--save_freq={args.steps}", "--log_freq=100",
+               "--num_workers=1", f"--output_dir={train}", "--policy.device=cpu", "--policy.push_to_hub=false",
+               "--wandb.enable=false", "--env_eval_freq=0", f"--seed={args.seed}",
+               "--policy.scheduler_warmup_steps=200", f"--policy.scheduler_decay_steps={args.steps}"]
+        if train.exists():
+            raise SystemExit(f"{train} holds an unfinished run; remove it to start over")
+        subprocess.run(cmd, check=True)
+    timings["train_s"] = time.perf_counter() - t0
+
+    bundle = load_policy(str(final))
+    result = mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor, tasks,
+                         episodes_per_task=args.eval_episodes, image_size=64, max_steps=200, seed=args.seed)
+    summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "tasks": list(tasks),
+               "held_out": list(HELD_OUT), "checkpoint": str(final), "timings": timings, "evaluation": result}
+    (args.out / "pretrain.json").write_text(json.dumps(summary, indent=1))
+    for task, r in result["tasks"].items():
+        print(f"{task:<28} {r['successes']}/{r['episodes']}")
+    print(json.dumps({"success_rate": result["success_rate"], **timings}))
+
+
+if __name__ == "__main__":
+    main()
