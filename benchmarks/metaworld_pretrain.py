@@ -8,8 +8,9 @@
 
     python benchmarks/metaworld_pretrain.py --out outputs/mw_pretrain [--episodes 20] [--steps 3000]
 
-Every stage reuses what a previous run of the same settings finished under ``--out``; the results
-(settings, timings, success per task) go to ``<out>/pretrain.json``.
+Every stage reuses what a previous run of the same settings finished under ``--out`` (timings list
+only the stages this run did); the results (settings, timings, success per task) go to
+``<out>/pretrain.json``.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ def main() -> None:
     data, start, train = args.out / "demos", args.out / "start", args.out / f"train_{args.steps}"
     timings: dict[str, float] = {}
 
-    t0 = time.perf_counter()
     if not data.exists():
+        t0 = time.perf_counter()
         mw.generate_demos(mw.DemoConfig(tasks=tasks, episodes_per_task=args.episodes, image_size=64,
                                         seed=args.seed), data)
-    timings["demos_s"] = time.perf_counter() - t0
+        timings["demos_s"] = time.perf_counter() - t0
     if not start.exists():
         bundle = smolvla.build_for_dataset("small", data, "local/metaworld", seed=args.seed)
         tmp = start.with_name(start.name + ".partial")
@@ -57,8 +58,8 @@ def main() -> None:
             part.save_pretrained(tmp)
         tmp.rename(start)
     final = train / "checkpoints" / f"{args.steps:06d}" / "pretrained_model"
-    t0 = time.perf_counter()
     if not final.exists():
+        t0 = time.perf_counter()
         cmd = [str(Path(sys.executable).with_name("lerobot-train")), f"--policy.path={start}",
                "--dataset.repo_id=local/metaworld", f"--dataset.root={data}", f"--steps={args.steps}",
                f"--batch_size={args.batch_size}", f"--save_freq={args.steps}", "--log_freq=100",
@@ -68,7 +69,7 @@ def main() -> None:
         if train.exists():
             raise SystemExit(f"{train} holds an unfinished run; remove it to start over")
         subprocess.run(cmd, check=True)
-    timings["train_s"] = time.perf_counter() - t0
+        timings["train_s"] = time.perf_counter() - t0
 
     bundle = load_policy(str(final))
     result = mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor, tasks,

@@ -8,6 +8,8 @@ import torch
 
 from vlaprune import metaworld as mw
 
+from .lerobot_data import lerobot_train
+
 
 def _small(**kw):
     return mw.DemoConfig(**{"tasks": ("reach-v3",), "episodes_per_task": 2, "image_size": 32, "max_steps": 150, **kw})
@@ -57,11 +59,6 @@ def test_bad_input_errors(tmp_path):
 def test_small_smolvla_for_the_demonstrations_trains_with_lerobot_train(tmp_path):
     """The start of the quality study: an untrained small SmolVLA (12 + 12 layers) built for the
     MetaWorld dataset's features and statistics, saved, and trained by stock ``lerobot-train``."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from vlaprune.builtin import smolvla
     from vlaprune.families import family_for
 
@@ -76,15 +73,7 @@ def test_small_smolvla_for_the_demonstrations_trains_with_lerobot_train(tmp_path
     bundle.preprocessor.save_pretrained(start)
     bundle.postprocessor.save_pretrained(start)
 
-    out = tmp_path / "train"
-    cmd = [str(Path(sys.executable).with_name("lerobot-train")), f"--policy.path={start}",
-           "--dataset.repo_id=local/metaworld", f"--dataset.root={root}", "--steps=2", "--batch_size=2",
-           "--save_freq=2", "--log_freq=1", "--num_workers=0", f"--output_dir={out}", "--policy.device=cpu",
-           "--policy.push_to_hub=false", "--wandb.enable=false", "--env_eval_freq=0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=580)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    trained = out / "checkpoints" / "000002" / "pretrained_model"
+    trained = lerobot_train(start, "local/metaworld", root, tmp_path / "train")
     assert (trained / "model.safetensors").is_file()
     from safetensors.torch import load_file
 

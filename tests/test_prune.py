@@ -4,10 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +16,7 @@ from vlaprune.prune import run_prune
 
 from .conftest import TINY_SPECS
 from .flow import batch, loss_and_chunk
-from .lerobot_data import make_dataset
+from .lerobot_data import lerobot_train, make_dataset
 
 METHODS = ("cka-dp", "cka-run", "bi", "angular", "first-k", "random")
 
@@ -127,15 +123,7 @@ def test_lerobot_train_trains_the_pruned_checkpoint(tmp_path, spec):
     make_dataset(root, episodes=3, frames=15)
     pruned = tmp_path / "pruned"
     run_prune(_cfg(pruned, spec, repo_id="local/calib", root=str(root)))
-    out = tmp_path / "train"
-    cmd = [str(Path(sys.executable).with_name("lerobot-train")), f"--policy.path={pruned}",
-           "--dataset.repo_id=local/calib", f"--dataset.root={root}", "--steps=2", "--batch_size=2",
-           "--save_freq=2", "--log_freq=1", "--num_workers=0", f"--output_dir={out}", "--policy.device=cpu",
-           "--policy.push_to_hub=false", "--wandb.enable=false", "--env_eval_freq=0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=580)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    ckpt = out / "checkpoints" / "000002" / "pretrained_model"
+    ckpt = lerobot_train(pruned, "local/calib", root, tmp_path / "train")
     trained = load_policy(str(ckpt))
     before = load_policy(str(pruned))
     family = family_for(trained.policy)
