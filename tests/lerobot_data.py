@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +38,3 @@ def make_dataset(root: Path, *, repo_id: str = "local/calib", episodes: int = 3,
         ds.save_episode()
     ds.finalize()
     return ds
-
-
-def lerobot_train(policy_dir: Path, repo_id: str, root: Path, out: Path, *, steps: int = 2) -> Path:
-    """Run stock ``lerobot-train --policy.path=policy_dir`` on the local dataset for ``steps`` steps at
-    batch 2 on the CPU; return the final checkpoint's ``pretrained_model`` directory."""
-    cmd = [str(Path(sys.executable).with_name("lerobot-train")), f"--policy.path={policy_dir}",
-           f"--dataset.repo_id={repo_id}", f"--dataset.root={root}", f"--steps={steps}", "--batch_size=2",
-           f"--save_freq={steps}", "--log_freq=1", "--num_workers=0", f"--output_dir={out}", "--policy.device=cpu",
-           "--policy.push_to_hub=false", "--wandb.enable=false", "--env_eval_freq=0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=580)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out / "checkpoints" / f"{steps:06d}" / "pretrained_model"

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from vlaprune import metaworld as mw
-
-from .lerobot_data import lerobot_train
+from vlaprune.train import lerobot_train
 
 
 def _small(**kw):
@@ -32,7 +31,7 @@ def test_demonstrations_are_lerobot_env_frames(tmp_path):
     try:
         obs, _ = env.reset(seed=mw.DEMO_SEED_BASE)
     finally:
-        env.close()
+        mw.close_env(env)
     stored = (first[mw.IMAGE_KEY].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     np.testing.assert_array_equal(stored, obs["pixels"])
     np.testing.assert_allclose(first[mw.STATE_KEY].numpy(), obs["agent_pos"].astype(np.float32))
@@ -73,7 +72,8 @@ def test_small_smolvla_for_the_demonstrations_trains_with_lerobot_train(tmp_path
     bundle.preprocessor.save_pretrained(start)
     bundle.postprocessor.save_pretrained(start)
 
-    trained = lerobot_train(start, "local/metaworld", root, tmp_path / "train")
+    trained = lerobot_train(start, repo_id="local/metaworld", root=root, out=tmp_path / "train", steps=2, batch_size=2,
+                            num_workers=0).checkpoint
     assert (trained / "model.safetensors").is_file()
     from safetensors.torch import load_file
 
@@ -95,7 +95,7 @@ def test_rollout_counts_the_experts_successes():
         assert ok and 0 < steps < 150
         assert mw.rollout(env, idle, mw.EVAL_SEED_BASE, 20) == (False, 20)
     finally:
-        env.close()
+        mw.close_env(env)
 
 
 def test_evaluate_runs_a_policy_as_lerobot_eval_does(tmp_path):
@@ -109,3 +109,38 @@ def test_evaluate_runs_a_policy_as_lerobot_eval_does(tmp_path):
     task = result["tasks"]["reach-v3"]
     assert task["episodes"] == 2 and len(task["steps"]) == 2 and all(1 <= n <= 12 for n in task["steps"])
     assert result["success_rate"] == task["success_rate"] == task["successes"] / 2
+
+
+def test_frames_stay_rendered_after_another_env_is_freed():
+    """Freeing an env's renderer (close, or the garbage collector) releases the thread's EGL context;
+    frames of an env created before that would then be silently black (it happened to every task
+    after the first one of a process)."""
+    import gc
+
+    first = mw.make_env("reach-v3", 32)
+    mw.close_env(first)
+    second = mw.make_env("reach-v3", 32)
+    del first
+    gc.collect()
+    frames: list[np.ndarray] = []
+
+    def idle(obs, _raw, _env):
+        frames.append(obs["pixels"])
+        return np.zeros(4, dtype=np.float32)
+
+    try:
+        mw.rollout(second, idle, seed=0, max_steps=3)
+    finally:
+        mw.close_env(second)
+    assert len(frames) == 3 and all(f.any() for f in frames)
+
+
+def test_every_task_of_a_run_has_real_frames(tmp_path):
+    """Each task's episodes are rendered, not only the first task's (see the test above)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    mw.generate_demos(_small(tasks=("reach-v3", "button-press-topdown-v3"), episodes_per_task=1), tmp_path / "d",
+                      progress=False)
+    ds = LeRobotDataset("local/metaworld", root=tmp_path / "d")
+    last = {int(ds[i]["episode_index"]): ds[i][mw.IMAGE_KEY] for i in range(len(ds))}
+    assert sorted(last) == [0, 1] and all(frame.mean() > 0.1 for frame in last.values())

@@ -13,10 +13,11 @@ from vlaprune.cli import main
 from vlaprune.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
 from vlaprune.families import family_for
 from vlaprune.prune import run_prune
+from vlaprune.train import lerobot_train
 
 from .conftest import TINY_SPECS
 from .flow import batch, loss_and_chunk
-from .lerobot_data import lerobot_train, make_dataset
+from .lerobot_data import make_dataset
 
 METHODS = ("cka-dp", "cka-run", "bi", "angular", "first-k", "random")
 
@@ -123,7 +124,8 @@ def test_lerobot_train_trains_the_pruned_checkpoint(tmp_path, spec):
     make_dataset(root, episodes=3, frames=15)
     pruned = tmp_path / "pruned"
     run_prune(_cfg(pruned, spec, repo_id="local/calib", root=str(root)))
-    ckpt = lerobot_train(pruned, "local/calib", root, tmp_path / "train")
+    ckpt = lerobot_train(pruned, repo_id="local/calib", root=root, out=tmp_path / "train", steps=2, batch_size=2,
+                         num_workers=0).checkpoint
     trained = load_policy(str(ckpt))
     before = load_policy(str(pruned))
     family = family_for(trained.policy)

@@ -94,6 +94,19 @@ def fast_rendering(env: Any, size: int) -> None:
     raw.mujoco_renderer.width = raw.mujoco_renderer.height = size
 
 
+def close_env(env: Any) -> None:
+    """Close ``env``, first freeing its renderer's GL objects while its own context is current.
+
+    Left to the garbage collector, a closed env's MuJoCo render context is freed whenever it is
+    collected, with whatever GL context is current then: it deletes the framebuffers of a *later*
+    env (GL object ids repeat across contexts), whose frames turn black."""
+    renderer = env._env.mujoco_renderer if env._env is not None else None
+    for viewer in renderer._viewers.values() if renderer is not None else ():
+        viewer.make_context_current()
+        viewer.con.free()
+    env.close()
+
+
 def make_env(task: str, image_size: int) -> Any:
     """LeRobot's ``MetaworldEnv`` for ``task`` (``pixels_agent_pos``), rendering ``image_size`` px fast.
 
@@ -252,7 +265,7 @@ def _record(config: DemoConfig, root: Path, repo_id: str, progress: bool) -> Dem
                 summary.frames += len(frames)
                 bar.update(1)
         finally:
-            env.close()
+            close_env(env)
         summary.episodes[task], summary.attempts[task] = kept, attempts
     bar.close()
     dataset.finalize()
@@ -280,7 +293,9 @@ def evaluate(policy: Any, preprocessor: Any, postprocessor: Any, tasks: Sequence
              episodes_per_task: int = 20, image_size: int = 64, max_steps: int = 200, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
     """Closed-loop success of ``policy`` on ``tasks``, from evaluation seeds (``EVAL_SEED_BASE`` +
-    ``seed`` · 100,000 + task index · 1000 + episode) that no demonstration uses."""
+    ``seed`` · 100,000 + task index · 1000 + episode) that no demonstration uses. Each episode seeds
+    torch's generator with its evaluation seed, so the policy's sampling noise replays too."""
+    import torch
     from tqdm import tqdm
 
     check_tasks(tasks)
@@ -296,11 +311,13 @@ def evaluate(policy: Any, preprocessor: Any, postprocessor: Any, tasks: Sequence
         results = []
         try:
             for k in range(episodes_per_task):
+                episode_seed = EVAL_SEED_BASE + seed * 100_000 + t * 1000 + k
                 policy.reset()
-                results.append(rollout(env, act, EVAL_SEED_BASE + seed * 100_000 + t * 1000 + k, max_steps))
+                torch.manual_seed(episode_seed)  # the flow's noise: an episode replays exactly
+                results.append(rollout(env, act, episode_seed, max_steps))
                 bar.update(1)
         finally:
-            env.close()
+            close_env(env)
         per_task[task] = {"episodes": len(results), "successes": sum(ok for ok, _ in results),
                           "success_rate": sum(ok for ok, _ in results) / len(results),
                           "steps": [n for _, n in results]}
