@@ -20,13 +20,10 @@ $(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e $(PLUGIN) --no-deps
 	@touch $(STAMP)
 
+# the whole job on the shipped trained model (metaworld:smolvla): analyse, prune 50%, bench, fine-tune
+# full and pruned with lerobot-train, closed-loop success on held-out MetaWorld tasks -> outputs/demo
 demo: $(STAMP)
-	$(VENV)/bin/vlaprune analyze --policy.path=tiny:smolvla --dataset.repo_id=synthetic \
-		--calibration.num_samples=16 --out=outputs/demo/analysis --overwrite=true
-	$(VENV)/bin/vlaprune prune --policy.path=tiny:smolvla --dataset.repo_id=synthetic --ratio=0.5 \
-		--analysis=outputs/demo/analysis/analysis.json --out=outputs/demo/pruned --overwrite=true
-	$(VENV)/bin/vlaprune bench --policy.path=tiny:smolvla --pruned.path=outputs/demo/pruned \
-		--out=outputs/demo/bench.json
+	$(PY) -m vlaprune.demo --out outputs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks plugins

@@ -4,9 +4,14 @@
 2. an untrained ``small`` SmolVLA for that dataset (12 VLM + 12 expert layers, 3.6M parameters),
    saved as a LeRobot checkpoint;
 3. stock ``lerobot-train`` for ``--steps``;
-4. closed-loop success on the pretraining tasks (evaluation seeds, not the demonstrations').
+4. closed-loop success on the pretraining tasks (evaluation seeds, not the demonstrations');
+5. with ``--ship``: the trained checkpoint and demonstrations of the held-out tasks (the calibration
+   and fine-tuning set) replace the ones shipped in ``src/vlaprune/assets/metaworld``
+   (``metaworld:smolvla``, see :mod:`vlaprune.shipped`).
 
-    python benchmarks/metaworld_pretrain.py --out outputs/mw_pretrain [--episodes 20] [--steps 3000]
+    python benchmarks/metaworld_pretrain.py --out outputs/mw_pretrain [--episodes 20] [--steps 3000] [--ship]
+
+The shipped model is ``--episodes 20 --steps 3000 --batch_size 32 --seed 0`` (20 minutes on 2 CPU cores).
 
 Every stage reuses what a previous run of the same settings finished under ``--out`` (timings list
 only the stages this run did); the results (settings, timings, success per task) go to
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,10 +32,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vlaprune import metaworld as mw
+from vlaprune import shipped
 from vlaprune.builtin import smolvla
 from vlaprune.policies import load_policy
 
-HELD_OUT = ("drawer-close-v3", "window-close-v3")  # left for fine-tuning
+HELD_OUT = shipped.HELD_OUT
+CALIBRATION_EPISODES = 10  # per held-out task (the shipped assets stay under 30 MB)
 
 
 def main() -> None:
@@ -40,6 +48,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--eval_episodes", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ship", action="store_true", help="store the result as the shipped metaworld:smolvla")
     args = parser.parse_args()
     tasks = tuple(t for t in mw.MT10 if t not in HELD_OUT)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +57,7 @@ def main() -> None:
 
     if not data.exists():
         t0 = time.perf_counter()
-        mw.generate_demos(mw.DemoConfig(tasks=tasks, episodes_per_task=args.episodes, image_size=64,
+        mw.generate_demos(mw.DemoConfig(tasks=tasks, episodes_per_task=args.episodes, image_size=shipped.IMAGE_SIZE,
                                         seed=args.seed), data)
         timings["demos_s"] = time.perf_counter() - t0
     if not start.exists():
@@ -73,13 +82,30 @@ def main() -> None:
 
     bundle = load_policy(str(final))
     result = mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor, tasks,
-                         episodes_per_task=args.eval_episodes, image_size=64, max_steps=200, seed=args.seed)
+                         episodes_per_task=args.eval_episodes, image_size=shipped.IMAGE_SIZE, max_steps=200,
+                         seed=args.seed)
     summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "tasks": list(tasks),
                "held_out": list(HELD_OUT), "checkpoint": str(final), "timings": timings, "evaluation": result}
     (args.out / "pretrain.json").write_text(json.dumps(summary, indent=1))
     for task, r in result["tasks"].items():
         print(f"{task:<28} {r['successes']}/{r['episodes']}")
     print(json.dumps({"success_rate": result["success_rate"], **timings}))
+    if args.ship:
+        ship(final, args.seed)
+
+
+def ship(checkpoint: Path, seed: int) -> None:
+    calibration = shipped.CALIBRATION_ROOT.with_name(shipped.CALIBRATION_ROOT.name + ".new")
+    if calibration.exists():
+        shutil.rmtree(calibration)
+    mw.generate_demos(mw.DemoConfig(tasks=HELD_OUT, episodes_per_task=CALIBRATION_EPISODES,
+                                    image_size=shipped.IMAGE_SIZE, seed=seed), calibration,
+                      repo_id=shipped.CALIBRATION_REPO_ID)
+    shipped.export(checkpoint, shipped.POLICY_DIR)
+    if shipped.CALIBRATION_ROOT.exists():
+        shutil.rmtree(shipped.CALIBRATION_ROOT)
+    calibration.rename(shipped.CALIBRATION_ROOT)
+    print(f"shipped: {shipped.POLICY_DIR} and {shipped.CALIBRATION_ROOT}")
 
 
 if __name__ == "__main__":

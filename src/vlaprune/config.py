@@ -15,7 +15,7 @@ from .cka import PRESETS, CKAConfig
 
 @dataclass
 class PolicyArgs:
-    path: str | None = None  # local checkpoint dir, hub id, or tiny:/real: built-in
+    path: str | None = None  # local checkpoint dir, hub id, tiny:/real: built-in, or metaworld:smolvla (trained)
     device: str = "cpu"
     seed: int = 0  # seed of a built-in policy's weights
 

@@ -4,6 +4,7 @@ checkpoint directory or a hub id, never with silently random weights."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from .builtin.common import PolicyBundle
 logger = logging.getLogger(__name__)
 
 BUILTIN_SPECS = ("tiny:smolvla", "tiny:pi0", "tiny:pi05", "real:smolvla", "real:pi0", "real:pi05")
+TRAINED_SPECS = ("metaworld:smolvla",)  # shipped trained weights (vlaprune.shipped)
 
 
 def is_builtin(spec: str) -> bool:
@@ -19,16 +21,22 @@ def is_builtin(spec: str) -> bool:
 
 
 def load_policy(spec: str, *, seed: int = 0, device: str = "cpu") -> PolicyBundle:
-    """Load ``spec``: ``tiny:<family>`` / ``real:<family>`` (built offline), a local LeRobot
-    checkpoint directory, or a hub repo id (downloaded by LeRobot; not possible offline)."""
+    """Load ``spec``: ``tiny:<family>`` / ``real:<family>`` (built offline, seeded random weights),
+    ``metaworld:smolvla`` (the shipped trained model), a local LeRobot checkpoint directory, or a hub
+    repo id (downloaded by LeRobot; not possible offline)."""
     if is_builtin(spec):
         bundle = _build_builtin(spec, seed=seed)
+    elif spec in TRAINED_SPECS:
+        from . import shipped
+
+        bundle = replace(_load_pretrained(str(shipped.policy_dir()), local=True), spec=spec)
     elif Path(spec).exists():
         bundle = _load_pretrained(spec, local=True)
     elif Path(spec).is_absolute() or spec.startswith((".", "~")) or spec.count("/") != 1:
         raise FileNotFoundError(
             f"policy {spec!r}: no such directory. Give a LeRobot checkpoint directory "
-            f"(with config.json and model.safetensors), a hub id 'user/name', or one of {', '.join(BUILTIN_SPECS)}"
+            f"(with config.json and model.safetensors), a hub id 'user/name', or one of "
+            f"{', '.join(BUILTIN_SPECS + TRAINED_SPECS)}"
         )
     else:
         bundle = _load_pretrained(spec, local=False)

@@ -1,0 +1,331 @@
+"""Quality study (issue 5): does a pruned, fine-tuned policy still do the task?
+
+From the pretrained small SmolVLA (``metaworld:smolvla``, pretrained on 8 MetaWorld MT10 tasks), on
+the two held-out tasks it never saw (drawer-close, window-close):
+
+1. one calibration pass (``vlaprune analyze``) on the held-out demonstrations;
+2. prune at each ratio with each method (``vlaprune prune``; ``cka-dp`` with its default refine,
+   the baselines as planned, refine off; ``random`` draws a new plan per seed);
+3. timing, alternated in one process (``vlaprune bench``): the pruned vs the full model's training
+   step at the fine-tuning batch size and one action chunk;
+4. the training-free point: closed-loop success of every pruned model before fine-tuning;
+5. per seed, for the full model and every pruned one: ``lerobot-train`` on the held-out
+   demonstrations for the same number of steps, then closed-loop success on the held-out tasks
+   (``--eval_episodes`` per task from evaluation positions no demonstration uses; evaluation seed =
+   training seed, so within a seed every variant meets the same positions);
+6. ``results.json``, ``table.md`` (mean ± standard deviation over seeds) and ``success_vs_depth.png``.
+
+    python benchmarks/metaworld_study.py --out outputs/mw_study            # the README's study
+    python benchmarks/metaworld_study.py --out outputs/mw_quick --quick    # regression check, < 15 min
+
+Resumable: every finished unit (a pruned checkpoint, a timing, an evaluation) is kept under ``--out``
+and a rerun continues from there; an interrupted ``lerobot-train`` run is removed and redone, so
+partial work never enters the table. The settings that decide a unit's result (steps, batch size,
+episodes, ...) are fixed per ``--out`` (a rerun with others is refused); seeds, ratios and methods
+can be added on a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from tqdm import tqdm
+
+from vlaprune import metaworld as mw
+from vlaprune import shipped
+from vlaprune.analyze import run_analyze
+from vlaprune.bench import run_bench
+from vlaprune.config import (
+    AnalyzeConfig,
+    BenchConfig,
+    DatasetArgs,
+    PlanArgs,
+    PolicyArgs,
+    PruneConfig,
+    PrunedArgs,
+)
+from vlaprune.policies import TRAINED_SPECS, load_policy
+from vlaprune.prune import run_prune
+from vlaprune.train import lerobot_train
+
+METHODS = ("cka-dp", "cka-run", "first-k", "random")
+FULL = "full"
+# the settings that decide a unit's result: fixed for one --out
+UNIT_SETTINGS = ("policy", "data_root", "data_repo_id", "steps", "batch_size", "lr", "eval_episodes", "max_steps",
+                 "device")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--policy", default=shipped.SPEC, help="pretrained policy (checkpoint dir or spec)")
+    parser.add_argument("--data_root", type=Path, default=shipped.CALIBRATION_ROOT,
+                        help="LeRobotDataset of the held-out tasks (calibration and fine-tuning)")
+    parser.add_argument("--data_repo_id", default=shipped.CALIBRATION_REPO_ID)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, "bi", "angular"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps (every variant)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eval_episodes", type=int, default=20, help="per held-out task")
+    parser.add_argument("--max_steps", type=int, default=200, help="environment steps per episode")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--timing_rounds", type=int, default=10)
+    parser.add_argument("--quick", action="store_true",
+                        help="regression check: seed 0, ratio 0.5, 200 steps, 5 episodes per task")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.ratios, args.steps, args.eval_episodes, args.timing_rounds = [0], [0.5], 200, 5, 5
+    Study(args).run()
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out: Path = args.out
+        self.records_path = self.out / "records.jsonl"
+        self.held_out = shipped.HELD_OUT
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def check_settings(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        mine = {k: str(getattr(self.args, k)) for k in UNIT_SETTINGS}
+        path = self.out / "settings.json"
+        if path.exists():
+            theirs = json.loads(path.read_text())
+            differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+            if differ:
+                raise SystemExit(f"{self.out} holds a study with other settings (theirs, yours): {differ}; "
+                                 "use another --out or remove it")
+        else:
+            path.write_text(json.dumps(mine, indent=1))
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """Finished units by key; a torn last line (a crash while writing) is ignored."""
+        found: dict[str, dict[str, Any]] = {}
+        if self.records_path.exists():
+            for line in self.records_path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                found[record["key"]] = record
+        return found
+
+    def save_record(self, record: dict[str, Any]) -> None:
+        text = self.records_path.read_text() if self.records_path.exists() else ""
+        if text and not text.endswith("\n"):  # drop a torn line
+            text = text[: text.rfind("\n") + 1]
+        tmp = self.records_path.with_suffix(".tmp")
+        tmp.write_text(text + json.dumps(record) + "\n")
+        tmp.replace(self.records_path)
+
+    # ---- units -----------------------------------------------------------------------------------
+    def variants(self) -> list[tuple[str, float | None]]:
+        return [(FULL, None)] + [(m, r) for r in self.args.ratios for m in self.args.methods]
+
+    @staticmethod
+    def name(method: str, ratio: float | None, seed: int | None = None) -> str:
+        if method == FULL:
+            return FULL
+        return f"{method}@{ratio:g}" + (f"-s{seed}" if method == "random" and seed is not None else "")
+
+    def source_dir(self) -> Path:
+        return shipped.policy_dir() if self.args.policy in TRAINED_SPECS else Path(self.args.policy)
+
+    def analysis(self) -> Path:
+        out = self.out / "analysis"
+        if not (out / "analysis.json").exists():
+            run_analyze(AnalyzeConfig(policy=PolicyArgs(path=self.args.policy), dataset=self.dataset(), out=str(out),
+                                      overwrite=True))
+        return out / "analysis.json"
+
+    def dataset(self) -> DatasetArgs:
+        return DatasetArgs(repo_id=self.args.data_repo_id, root=str(self.args.data_root))
+
+    def pruned(self, method: str, ratio: float | None, seed: int) -> Path:
+        """The checkpoint a variant fine-tunes from (pruned once; ``random`` once per seed)."""
+        if method == FULL:
+            return self.source_dir()
+        out = self.out / "pruned" / self.name(method, ratio, seed)
+        if not (out / "model.safetensors").exists():
+            plan = PlanArgs(method=method, ratio=ratio, seed=seed, refine=4 if method == "cka-dp" else 0)
+            run_prune(PruneConfig(policy=PolicyArgs(path=self.args.policy), dataset=self.dataset(), plan=plan,
+                                  analysis=str(self.analysis()), out=str(out), overwrite=True))
+        return out
+
+    def timing(self, method: str, ratio: float) -> dict[str, Any]:
+        pruned = self.pruned(method, ratio, 0)
+        result = run_bench(BenchConfig(policy=PolicyArgs(path=self.args.policy, device=self.args.device),
+                                       pruned=PrunedArgs(path=str(pruned)), dataset=self.dataset(),
+                                       train_batch_size=self.args.batch_size, rounds=self.args.timing_rounds))
+        keep = ("inference_ratio", "ideal_inference_ratio", "train_step_ratio", "ideal_train_ratio", "machine", "kept")
+        return {**{k: result[k] for k in keep}, "full_chunk_s": result["full"]["chunk_s"],
+                "pruned_chunk_s": result["pruned"]["chunk_s"], "full_train_step_s": result["full"]["train_step_s"],
+                "pruned_train_step_s": result["pruned"]["train_step_s"]}
+
+    def evaluate(self, checkpoint: Path, seed: int) -> dict[str, Any]:
+        bundle = load_policy(str(checkpoint), device=self.args.device)
+        return mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor, self.held_out,
+                           episodes_per_task=self.args.eval_episodes, image_size=shipped.IMAGE_SIZE,
+                           max_steps=self.args.max_steps, seed=seed, progress=False)
+
+    def finetune(self, start: Path, name: str, seed: int) -> tuple[Path, dict[str, Any]]:
+        a = self.args
+        run = lerobot_train(start, repo_id=a.data_repo_id, root=a.data_root, out=self.out / "runs" / f"{name}-s{seed}",
+                            steps=a.steps, batch_size=a.batch_size, seed=seed, device=a.device, lr=a.lr)
+        return run.checkpoint, {"train_wall_s": run.wall_s, "update_s": run.update_s, "data_s": run.data_s,
+                                "final_loss": run.final_loss}
+
+    # ---- the study -----------------------------------------------------------------------------
+    def run(self) -> None:
+        a = self.args
+        self.check_settings()
+        mw.check_tasks(self.held_out)
+        self.analysis()
+        for seed in a.seeds:
+            for method, ratio in self.variants():
+                self.pruned(method, ratio, seed)
+        records = self.records()
+        todo: list[tuple[str, str, float | None, int]] = []
+        for method, ratio in self.variants():
+            if method != FULL and ratio is not None:
+                todo.append(("timing", method, ratio, 0))
+        for method, ratio in self.variants():
+            todo.append(("training_free", method, ratio, 0))
+        for seed in a.seeds:
+            for method, ratio in self.variants():
+                todo.append(("finetuned", method, ratio, seed))
+        bar = tqdm(todo, desc="study units")
+        for kind, method, ratio, seed in bar:
+            key = f"{kind}/{self.name(method, ratio)}/s{seed}"
+            bar.set_postfix_str(key)
+            if key in records:
+                continue
+            record: dict[str, Any] = {"key": key, "kind": kind, "method": method, "ratio": ratio, "seed": seed}
+            start = self.pruned(method, ratio, seed)
+            if method != FULL:
+                manifest = json.loads((start / "prune_manifest.json").read_text())
+                record["kept"] = {n: s["kept_original"] for n, s in manifest["stacks"].items()}
+            if kind == "timing":
+                assert ratio is not None
+                record["timing"] = self.timing(method, ratio)
+            elif kind == "training_free":
+                record["evaluation"] = self.evaluate(start, seed)
+            else:
+                final, stats = self.finetune(start, self.name(method, ratio, seed), seed)
+                record.update(stats)
+                record["evaluation"] = self.evaluate(final, seed)
+            self.save_record(record)
+            records[key] = record
+        write_results(self.out, a, records, self.variants())
+
+
+# ---- results ------------------------------------------------------------------------------------
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(records: dict[str, dict[str, Any]], variants: list[tuple[str, float | None]]) -> list[dict[str, Any]]:
+    rows = []
+    for method, ratio in variants:
+        label = Study.name(method, ratio)
+        mine = [r for r in records.values() if Study.name(r["method"], r["ratio"]) == label]
+        tuned = sorted((r for r in mine if r["kind"] == "finetuned"), key=lambda r: r["seed"])
+        free = [r for r in mine if r["kind"] == "training_free"]
+        timing = [r["timing"] for r in mine if r["kind"] == "timing"]
+        row: dict[str, Any] = {"variant": label, "method": method, "ratio": ratio, "depth": 1 - (ratio or 0.0),
+                               "seeds": [r["seed"] for r in tuned],
+                               "success": [r["evaluation"]["success_rate"] for r in tuned],
+                               "success_per_task": [{t: v["success_rate"] for t, v in r["evaluation"]["tasks"].items()}
+                                                    for r in tuned],
+                               "update_s": [r["update_s"] for r in tuned],
+                               "training_free_success": free[0]["evaluation"]["success_rate"] if free else None,
+                               "timing": timing[0] if timing else None,
+                               "kept": tuned[0].get("kept") if tuned and method != "random" else None}
+        if row["success"]:
+            row["success_mean"], row["success_sd"] = _mean_sd(row["success"])
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| variant | depth kept | success, fine-tuned (mean ± sd) | per seed | training-free | "
+             "fine-tune s/step (lerobot-train) | train-step ratio | chunk ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["timing"]
+        succ = f"{r['success_mean']:.1%} ± {r['success_sd']:.1%}" if r["success"] else "–"
+        seeds = " / ".join(f"{s:.0%}" for s in r["success"]) or "–"
+        free = f"{r['training_free_success']:.0%}" if r["training_free_success"] is not None else "–"
+        upd = [u for u in r["update_s"] if u is not None]
+        step = f"{statistics.mean(upd):.3f}" if upd else "–"
+        if r["method"] == FULL:
+            ratios = "1.00 | 1.00"
+        else:
+            ratios = f"{t['train_step_ratio']:.2f} | {t['inference_ratio']:.2f}" if t else "– | –"
+        lines.append(f"| {r['variant']} | {r['depth']:.0%} | {succ} | {seeds} | {free} | {step} | {ratios} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    full = next((r for r in rows if r["method"] == FULL and r["success"]), None)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    methods = sorted({r["method"] for r in rows if r["method"] != FULL}, key=lambda m: (m not in METHODS, m))
+    for i, method in enumerate(methods):
+        mine = sorted((r for r in rows if r["method"] == method and r["success"]), key=lambda r: -r["depth"])
+        points = ([full] if full else []) + mine
+        if not mine:
+            continue
+        color = f"C{i}"
+        xs = [p["depth"] for p in points]
+        ys = [p["success_mean"] for p in points]
+        lo = [p["success_mean"] - min(p["success"]) for p in points]
+        hi = [max(p["success"]) - p["success_mean"] for p in points]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=color, label=f"{method}, fine-tuned")
+        free = [r for r in rows if r["method"] == method and r["training_free_success"] is not None]
+        if free:
+            ax.plot([r["depth"] for r in free], [r["training_free_success"] for r in free], ls="none", marker="x",
+                    color=color, label=f"{method}, training-free")
+    if full:
+        ax.axhline(full["success_mean"], color="gray", ls=":", label="full, fine-tuned")
+    ax.set_xlabel("depth kept (fraction of blocks in each stack)")
+    ax.set_ylabel("success on held-out tasks")
+    ax.set_ylim(-0.05, 1.05)
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("MetaWorld held-out tasks: points = mean, bars = min..max over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(out: Path, args: argparse.Namespace, records: dict[str, dict[str, Any]],
+                  variants: list[tuple[str, float | None]]) -> None:
+    rows = summarize(records, variants)
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {args.device}"
+    result = {"settings": {k: str(v) for k, v in vars(args).items()}, "held_out": list(shipped.HELD_OUT),
+              "machine": machine, "rows": rows}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    text = table(rows)
+    (out / "table.md").write_text(text + "\n")
+    plot(rows, out / "success_vs_depth.png")
+    print(text)
+    print(f"\n{machine}; results in {out}/results.json, table.md, success_vs_depth.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""``make demo`` end to end on the shipped model, shortened: every stage runs, results and report are written."""
+
+from __future__ import annotations
+
+import json
+
+from vlaprune import demo, shipped
+
+
+def test_demo_runs_the_whole_job_on_the_shipped_model(tmp_path, capsys):
+    out = tmp_path / "demo"
+    (tmp_path / "demo.partial").mkdir()  # left by an interrupted run: replaced
+    assert demo.main(["--out", str(out), "--steps", "2", "--batch_size", "4", "--episodes", "1",
+                      "--max_steps", "15"]) == 0
+    assert not (tmp_path / "demo.partial").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["success_full"] <= 1.0 and 0.0 <= results["success_pruned"] <= 1.0
+    assert set(results["success_per_task"]["pruned"]) == set(shipped.HELD_OUT)
+    # half depth in both stacks, as the plan in the pruned checkpoint says
+    assert {name: (len(p["kept"]), p["source_num_layers"]) for name, p in results["plan"].items()} == {
+        "vlm": (6, 12), "expert": (6, 12)}
+    assert results["speed"]["train_step_ratio"] > 0 and results["finetune"]["pruned"]["final_loss"] is not None
+    for path in ("analysis/cka_vlm.png", "pruned/prune_manifest.json", "bench.json", "report.md",
+                 "finetune/pruned/checkpoints/000002/pretrained_model/model.safetensors"):
+        assert (out / path).is_file(), path
+    printed = capsys.readouterr().out
+    assert "success on held-out tasks" in printed and "report:" in printed
