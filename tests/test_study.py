@@ -1,0 +1,61 @@
+"""The quality study's bookkeeping: a rerun resumes from finished units and never mixes settings."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).parents[1] / "benchmarks" / "metaworld_study.py"
+_spec = importlib.util.spec_from_file_location("metaworld_study", _PATH)
+study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study)
+
+
+def _args(out: Path, **kw) -> argparse.Namespace:
+    base = {"out": out, "policy": "metaworld:smolvla", "data_root": Path("d"), "data_repo_id": "local/x",
+            "ratios": [0.5], "methods": ["cka-dp"], "seeds": [0], "steps": 400, "batch_size": 32, "lr": 1e-4,
+            "eval_episodes": 20, "max_steps": 200, "device": "cpu", "timing_rounds": 10, "quick": False}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _evaluation(rate: float) -> dict:
+    return {"success_rate": rate, "tasks": {"drawer-close-v3": {"success_rate": rate}}}
+
+
+def test_a_torn_record_is_dropped_and_finished_units_are_kept(tmp_path):
+    s = study.Study(_args(tmp_path))
+    s.check_settings()
+    s.save_record({"key": "finetuned/full/s0", "kind": "finetuned", "method": "full", "ratio": None, "seed": 0})
+    with s.records_path.open("a") as f:
+        f.write('{"key": "finetuned/cka-dp@0.5/s0", "kind": "fine')  # killed while writing
+    assert list(s.records()) == ["finetuned/full/s0"]
+    s.save_record({"key": "finetuned/full/s1", "kind": "finetuned", "method": "full", "ratio": None, "seed": 1})
+    lines = s.records_path.read_text().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == ["finetuned/full/s0", "finetuned/full/s1"]
+
+
+def test_a_rerun_with_other_unit_settings_is_refused_but_more_seeds_are_fine(tmp_path):
+    study.Study(_args(tmp_path)).check_settings()
+    study.Study(_args(tmp_path, seeds=[0, 1, 2], ratios=[0.25, 0.5])).check_settings()
+    with pytest.raises(SystemExit, match=r"other settings.*steps"):
+        study.Study(_args(tmp_path, steps=200)).check_settings()
+
+
+def test_summary_is_mean_and_sd_over_seeds(tmp_path):
+    records = {}
+    for seed, (full, pruned) in enumerate([(0.5, 0.6), (0.7, 0.8)]):
+        for method, ratio, rate in (("full", None, full), ("cka-dp", 0.5, pruned)):
+            key = f"finetuned/{study.Study.name(method, ratio)}/s{seed}"
+            records[key] = {"key": key, "kind": "finetuned", "method": method, "ratio": ratio, "seed": seed,
+                            "evaluation": _evaluation(rate), "update_s": 0.3}
+    rows = study.summarize(records, [("full", None), ("cka-dp", 0.5)])
+    assert rows[0]["success"] == [0.5, 0.7] and rows[0]["success_mean"] == pytest.approx(0.6)
+    assert rows[0]["success_sd"] == pytest.approx(0.1414, abs=1e-4) and rows[1]["depth"] == 0.5
+    text = study.table(rows)
+    assert "| cka-dp@0.5 | 50% | 70.0% ± 14.1% | 60% / 80% |" in text
+    study.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
