@@ -8,12 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import shipped
 from .builtin.common import PolicyBundle
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_SPECS = ("tiny:smolvla", "tiny:pi0", "tiny:pi05", "real:smolvla", "real:pi0", "real:pi05")
-TRAINED_SPECS = ("metaworld:smolvla",)  # shipped trained weights (vlaprune.shipped)
+TRAINED_SPECS = (shipped.SPEC,)  # trained weights that come with vlaprune
 
 
 def is_builtin(spec: str) -> bool:
@@ -27,8 +28,6 @@ def load_policy(spec: str, *, seed: int = 0, device: str = "cpu") -> PolicyBundl
     if is_builtin(spec):
         bundle = _build_builtin(spec, seed=seed)
     elif spec in TRAINED_SPECS:
-        from . import shipped
-
         bundle = replace(_load_pretrained(str(shipped.policy_dir()), local=True), spec=spec)
     elif Path(spec).exists():
         bundle = _load_pretrained(spec, local=True)
