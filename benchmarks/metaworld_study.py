@@ -82,10 +82,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--timing_rounds", type=int, default=10)
     parser.add_argument("--quick", action="store_true",
-                        help="regression check: seed 0, ratio 0.5, 200 steps, 5 episodes per task")
+                        help="regression check: seed 0, ratio 0.5, 150 steps, 5 episodes per task")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.ratios, args.steps, args.eval_episodes, args.timing_rounds = [0], [0.5], 200, 5, 5
+        args.seeds, args.ratios, args.steps, args.eval_episodes, args.timing_rounds = [0], [0.5], 150, 5, 5
     Study(args).run()
 
 
