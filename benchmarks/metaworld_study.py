@@ -265,7 +265,10 @@ def table(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["timing"]
-        succ = f"{r['success_mean']:.1%} ± {r['success_sd']:.1%}" if r["success"] else "–"
+        if len(r["success"]) > 1:
+            succ = f"{r['success_mean']:.1%} ± {r['success_sd']:.1%}"
+        else:
+            succ = f"{r['success_mean']:.1%} (1 seed)" if r["success"] else "–"
         seeds = " / ".join(f"{s:.0%}" for s in r["success"]) or "–"
         free = f"{r['training_free_success']:.0%}" if r["training_free_success"] is not None else "–"
         upd = [u for u in r["update_s"] if u is not None]
