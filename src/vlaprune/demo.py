@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,25 +70,25 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     mw.check_tasks(shipped.HELD_OUT)  # fails early, naming what to install, if MetaWorld is missing
     policy = PolicyArgs(path=shipped.SPEC, device=args.device)
     data = DatasetArgs(repo_id=shipped.CALIBRATION_REPO_ID, root=str(shipped.CALIBRATION_ROOT))
-    stage = _Stages()
+    seconds: dict[str, float] = {}
 
-    with stage("1/5 analyze: calibration pass, CKA per stack"):
+    with _stage("1/5 analyze: calibration pass, CKA per stack", seconds):
         run_analyze(AnalyzeConfig(policy=policy, dataset=data, out=str(out / "analysis")))
-    with stage(f"2/5 prune: cka-dp, {args.ratio:.0%} of each stack"):
+    with _stage(f"2/5 prune: cka-dp, {args.ratio:.0%} of each stack", seconds):
         pruned = run_prune(PruneConfig(policy=policy, dataset=data, ratio=args.ratio,
                                        analysis=str(out / "analysis" / "analysis.json"), out=str(out / "pruned")))
-    with stage("3/5 bench: full vs pruned, alternated"):
+    with _stage("3/5 bench: full vs pruned, alternated", seconds):
         bench = run_bench(BenchConfig(policy=policy, pruned=PrunedArgs(path=str(out / "pruned")), dataset=data,
                                       train_batch_size=args.batch_size, rounds=5))
         (out / "bench.json").write_text(json.dumps(bench, indent=1))
     runs = {}
-    with stage(f"4/5 fine-tune: lerobot-train, {args.steps} steps each at batch {args.batch_size}"):
+    with _stage(f"4/5 fine-tune: lerobot-train, {args.steps} steps each at batch {args.batch_size}", seconds):
         for name, checkpoint in (("full", shipped.policy_dir()), ("pruned", out / "pruned")):
             runs[name] = lerobot_train(checkpoint, repo_id=data.repo_id or "", root=shipped.CALIBRATION_ROOT,
                                        out=out / "finetune" / name, steps=args.steps, batch_size=args.batch_size,
                                        seed=args.seed, device=args.device)
     evaluations = {}
-    with stage(f"5/5 closed-loop success: {args.episodes} episodes per held-out task, each policy"):
+    with _stage(f"5/5 closed-loop success: {args.episodes} episodes per held-out task, each policy", seconds):
         for name, run_ in runs.items():
             bundle = load_policy(str(run_.checkpoint), device=args.device)
             evaluations[name] = mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor,
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                   "inference_ratio": bench["inference_ratio"], "train_step_ratio": bench["train_step_ratio"]},
         "finetune": {name: r.to_json() for name, r in runs.items()},
         "evaluation": evaluations,
-        "stage_seconds": stage.seconds, "total_seconds": time.perf_counter() - start,
+        "stage_seconds": seconds, "total_seconds": time.perf_counter() - start,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.device}",
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -117,28 +119,14 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return results
 
 
-class _Stages:
-    """Announce each stage and record how long it took."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str) -> _Stage:
-        return _Stage(self, name)
-
-
-class _Stage:
-    def __init__(self, owner: _Stages, name: str) -> None:
-        self.owner, self.name = owner, name
-
-    def __enter__(self) -> None:
-        print(f"[demo] {self.name} ...", flush=True)
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.owner.seconds[self.name] = time.perf_counter() - self.start
-        if exc[0] is None:
-            print(f"[demo] {self.name}: {self.owner.seconds[self.name]:.0f} s", flush=True)
+@contextmanager
+def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
+    """Announce a stage and record in ``seconds`` how long it took."""
+    print(f"[demo] {name} ...", flush=True)
+    start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
+    print(f"[demo] {name}: {seconds[name]:.0f} s", flush=True)
 
 
 def summary_table(r: dict[str, Any]) -> str:
