@@ -126,7 +126,7 @@ def _block_intervals(policy: Any, family: Family, device: torch.device) -> Itera
 
     for spec in family.stacks:
         layers = family.layers(policy, spec.name)
-        norms = [resolve(b, spec.input_norm) for b in layers] + [resolve(policy, spec.final_norm)]
+        points = spec.stream_points(policy, layers)
         starts: dict[int, float] = {}
         grad_starts: dict[int, float] = {}
 
@@ -138,20 +138,19 @@ def _block_intervals(policy: Any, family: Family, device: torch.device) -> Itera
                     log.setdefault(f"{name}:{index}", []).append([grad_starts.pop(index + 1), t])
                 grad_starts[index] = t
 
-            def hook(_module: Any, args: tuple[Any, ...]) -> None:
+            def hook(hidden: Any) -> None:
                 t = now()
                 if index > 0 and index - 1 in starts:
                     log.setdefault(f"{name}:{index - 1}", []).append([starts.pop(index - 1), t])
                 if index < count:
                     starts[index] = t
-                hidden = args[0] if args else None
                 if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
                     hidden.register_hook(on_grad)
 
             return hook
 
-        for i, norm in enumerate(norms):
-            handles.append(norm.register_forward_pre_hook(make(spec.name, i, len(layers))))
+        for i, point in enumerate(points):
+            handles.append(point.hook(make(spec.name, i, len(layers))))
     try:
         yield log
     finally:

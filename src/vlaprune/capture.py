@@ -2,7 +2,8 @@
 
 For a stack of L blocks we record L+1 states: the input of each block (index i = input of block i)
 and the output of the last block (index L). Hooks sit on each block's input norm and on the
-stack's final norm, whose inputs are exactly these residual states; they fire whether or not the
+stack's final norm (or, for a stack without one, on the output of the module that ends it), whose
+inputs are exactly these residual states; they fire whether or not the
 family's forward calls the block modules themselves (pi0's joint path does not).
 
 One pass = the prefix once (VLM stacks, with its padding mask) and then the action expert once per
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .families.base import Family, StackSpec, resolve
+from .families.base import Family, StackSpec
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +59,18 @@ class StackStates:
 
 
 class ResidualRecorder:
-    """Forward pre-hooks on a stack's input norms and final norm; armed only while its phase runs."""
+    """Hooks on a stack's stream points (input norms, final norm or module); armed only while its phase runs."""
 
     def __init__(self, policy: nn.Module, spec: StackSpec, layers: nn.ModuleList) -> None:
         self.spec = spec
         self.num_layers = len(layers)
-        self._norms = [resolve(block, spec.input_norm) for block in layers] + [resolve(policy, spec.final_norm)]
+        self._points = spec.stream_points(policy, layers)
         self._slots: list[Tensor | None] = [None] * (self.num_layers + 1)
         self._armed = False
         self._stray_calls = 0
 
     def __enter__(self) -> ResidualRecorder:
-        self._handles = [
-            norm.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, norm in enumerate(self._norms)
-        ]
+        self._handles = [point.hook(self._hook(i)) for i, point in enumerate(self._points)]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -79,13 +78,12 @@ class ResidualRecorder:
             handle.remove()
 
     def _hook(self, index: int) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        def hook(hidden: Any) -> None:
             if not self._armed:
                 self._stray_calls += 1
                 return
-            hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
             if not isinstance(hidden, Tensor):
-                raise CaptureError(f"stack {self.spec.name!r}: norm {index} got no hidden-state tensor")
+                raise CaptureError(f"stack {self.spec.name!r}: stream point {index} got no hidden-state tensor")
             if self._slots[index] is not None:
                 raise CaptureError(
                     f"stack {self.spec.name!r}: {_state_name(index, self.num_layers)} recorded twice in one pass "

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families.base import Family, action_chunk
+from .families.base import Family, action_chunk, noise_shape
 
 
 def parameter_counts(policy: nn.Module) -> dict[str, int]:
@@ -54,11 +54,7 @@ def _count_linear_flops(policy: nn.Module, family: Family) -> Iterator[dict[str,
 def chunk_flops_by_part(family: Family, policy: Any, batch: dict[str, Any]) -> dict[str, int]:
     """Linear-layer FLOPs of sampling one action chunk (prefix + every denoising step) for the
     observations in ``batch`` (zero noise), per stack and "other"."""
-    from lerobot.utils.constants import OBS_STATE
-
-    state = batch[OBS_STATE]  # (batch, state_dim): only its batch size and device are used
-    cfg = policy.config
-    noise = torch.zeros((state.shape[0], cfg.chunk_size, cfg.max_action_dim), device=state.device)
+    noise = torch.zeros(noise_shape(family, policy, batch), device=next(policy.parameters()).device)
     with _count_linear_flops(policy, family) as parts:
         action_chunk(family, policy, batch, noise)
     return dict(parts)

@@ -47,6 +47,7 @@ class StackProblem:
     cosine: np.ndarray | None = None  # (L+1, L+1); needed by "bi" and "angular"
     roles: tuple[str, ...] | None = None  # role of each original position 0..L-1
     protected: frozenset[int] = frozenset()  # original indices that must be kept
+    protected_why: str = ""  # why they must be kept (shown in errors)
 
     def __post_init__(self) -> None:
         n = self.num_layers
@@ -199,7 +200,9 @@ def validate_kept(problem: PlanProblem, kept: Mapping[str, Sequence[int]]) -> No
             raise PlanError(f"stack {s.name!r}: kept indices must be sorted ascending, got {ks}")
         lost = sorted(s.protected - set(ks))
         if lost:
-            raise PlanError(f"stack {s.name!r}: protected blocks {lost} are removed; protected blocks must be kept")
+            why = f" ({s.protected_why})" if s.protected_why else ""
+            raise PlanError(f"stack {s.name!r}: protected blocks {lost} are removed; protected blocks must be "
+                            f"kept{why}")
         if s.roles is not None:
             for new_idx, orig_idx in enumerate(ks):
                 if s.roles[new_idx] != s.roles[orig_idx]:
@@ -239,7 +242,8 @@ class _Group:
         role_names = sorted({r for m in with_roles for r in m.roles or ()})
         prot = np.flatnonzero(self.protected).tolist()
         parts = [f"the {'/'.join(role_names)} roles of {'/'.join(m.name for m in with_roles)}"] if with_roles else []
-        parts += [f"protected blocks {prot}"] if prot else []
+        whys = "; ".join(m.protected_why for m in self.members if m.protected_why)
+        parts += [f"protected blocks {prot}" + (f" ({whys})" if whys else "")] if prot else []
         return " and ".join(parts) or "no rule"
 
 
@@ -411,7 +415,7 @@ def _plan_first_k(g: _Group, k: int) -> tuple[int, ...]:
     beyond = np.flatnonzero(g.protected[k:]) + k
     if beyond.size:
         raise PlanError(f"first-k: keeping blocks 0..{k - 1} of {g.label} removes protected blocks "
-                        f"{beyond.tolist()}")
+                        f"{beyond.tolist()} ({g.rules()})")
     return tuple(range(k))
 
 

@@ -13,7 +13,8 @@ from .builtin.common import PolicyBundle
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_SPECS = ("tiny:smolvla", "tiny:pi0", "tiny:pi05", "real:smolvla", "real:pi0", "real:pi05")
+BUILTIN_SPECS = ("tiny:smolvla", "tiny:pi0", "tiny:pi05", "tiny:groot", "real:smolvla", "real:pi0", "real:pi05",
+                 "real:groot")
 TRAINED_SPECS = (shipped.SPEC,)  # trained weights that come with vlaprune
 
 
@@ -52,6 +53,10 @@ def _build_builtin(spec: str, *, seed: int) -> PolicyBundle:
         from .builtin import smolvla
 
         return smolvla.build(size, seed=seed)  # type: ignore[arg-type]
+    if name == "groot":
+        from .builtin import groot
+
+        return groot.build(size, seed=seed)  # type: ignore[arg-type]
     from .builtin import pi0
 
     return pi0.build(name, size, seed=seed)  # type: ignore[arg-type]

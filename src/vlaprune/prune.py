@@ -59,6 +59,12 @@ def build_problem(family: Family, policy: Any, stacks: dict[str, StackAnalysis],
         if bad:
             raise ValueError(f"--plan.protect {bad} out of range for stack {name!r} with {depth} blocks")
     roles = family.roles(policy)
+    by_family = family.protected(policy)
+    user_why = [f"--plan.protect={protect}"] if protect else []
+
+    def why(name: str) -> str:
+        return "; ".join([*sorted(set(by_family.get(name, {}).values())), *user_why])
+
     return PlanProblem(
         stacks=tuple(
             StackProblem(
@@ -67,7 +73,8 @@ def build_problem(family: Family, policy: Any, stacks: dict[str, StackAnalysis],
                 cka=np.array(stacks[name].cka, dtype=float),
                 cosine=np.array(stacks[name].cosine, dtype=float),
                 roles=tuple(roles[name]) if name in roles else None,
-                protected=frozenset(protect),
+                protected=frozenset(protect) | frozenset(by_family.get(name, {})),
+                protected_why=why(name),
             )
             for name in depths
         ),

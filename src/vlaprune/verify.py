@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .families.base import Family, action_chunk, flow_loss
+from .families.base import Family, action_chunk, flow_loss, noise_shape
 from .surgery import skip_blocks
 
 logger = logging.getLogger(__name__)
@@ -32,11 +32,12 @@ def removed_blocks(family: Family, policy: Any, kept: Mapping[str, Sequence[int]
     return {name: [i for i in range(depths[name]) if i not in set(kept[name])] for name in depths}
 
 
-def _noise_and_time(policy: Any, batch: dict[str, Any], seed: int) -> tuple[Tensor, Tensor]:
-    actions = policy.prepare_action(batch)  # (batch, chunk, max_action_dim)
+def _noise_and_time(family: Family, policy: Any, batch: dict[str, Any], seed: int) -> tuple[Tensor, Tensor]:
+    shape = noise_shape(family, policy, batch)  # (batch, chunk, padded action dim)
+    device = next(policy.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(actions.shape, generator=gen).to(actions.device)
-    time = (torch.rand(actions.shape[0], generator=gen) * 0.9 + 0.05).to(actions.device)
+    noise = torch.randn(shape, generator=gen).to(device)
+    time = (torch.rand(shape[0], generator=gen) * 0.9 + 0.05).to(device)
     return noise, time
 
 
@@ -62,7 +63,7 @@ def verify_pruned(
     seed: int = 0,
 ) -> VerifyReport:
     """Pruned outputs must equal the source's with the removed blocks skipped (relative to output scale)."""
-    noise, time = _noise_and_time(source, batch, seed)
+    noise, time = _noise_and_time(family, source, batch, seed)
     with skip_blocks(source, family, removed_blocks(family, source, kept)):
         ref_loss = flow_loss(family, source, batch, noise, time)
         ref_chunk = action_chunk(family, source, batch, noise)
@@ -95,7 +96,7 @@ class PlanDamage:
     @torch.no_grad()
     def __init__(self, source: Any, family: Family, batches: Sequence[dict[str, Any]], *, seed: int = 0) -> None:
         self.source, self.family, self.batches = source, family, list(batches)
-        self.noise = [_noise_and_time(source, batch, seed + i)[0] for i, batch in enumerate(self.batches)]
+        self.noise = [_noise_and_time(family, source, batch, seed + i)[0] for i, batch in enumerate(self.batches)]
         self.full = [action_chunk(family, source, b, n) for b, n in zip(self.batches, self.noise, strict=True)]
         self.scale = sum(float(chunk.square().sum()) for chunk in self.full)
         if self.scale == 0.0:

@@ -1,4 +1,5 @@
-"""LeRobot policy types ``pi0_pruned`` and ``pi05_pruned`` for depth-pruned pi0 / pi0.5 checkpoints.
+"""LeRobot policy types ``pi0_pruned``, ``pi05_pruned`` and ``groot_pruned`` for depth-pruned pi0 / pi0.5 /
+GR00T N1.7 checkpoints.
 
 Installed as the distribution ``lerobot_policy_vlaprune``, so LeRobot's ``register_third_party_plugins``
 (called by ``lerobot-train`` and ``lerobot-eval``) imports it and the config types register
@@ -10,14 +11,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from .configuration_groot_pruned import GrootPrunedConfig
 from .configuration_pi0_pruned import PI0PrunedConfig
 from .configuration_pi05_pruned import PI05PrunedConfig
 
-__all__ = ["PI0PrunedConfig", "PI0PrunedPolicy", "PI05PrunedConfig", "PI05PrunedPolicy"]
+__all__ = [
+    "GrootPrunedConfig",
+    "GrootPrunedPolicy",
+    "PI0PrunedConfig",
+    "PI0PrunedPolicy",
+    "PI05PrunedConfig",
+    "PI05PrunedPolicy",
+]
 
 
 def __getattr__(name: str) -> Any:
-    """``PI0PrunedPolicy`` / ``PI05PrunedPolicy`` on first access (they import the pi0 model code)."""
+    """The policy classes on first access (they import the model code)."""
     if name == "PI0PrunedPolicy":
         from .modeling_pi0_pruned import PI0PrunedPolicy
 
@@ -26,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from .modeling_pi05_pruned import PI05PrunedPolicy
 
         return PI05PrunedPolicy
+    if name == "GrootPrunedPolicy":
+        from .modeling_groot_pruned import GrootPrunedPolicy
+
+        return GrootPrunedPolicy
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

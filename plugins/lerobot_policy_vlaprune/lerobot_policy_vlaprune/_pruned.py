@@ -46,41 +46,42 @@ def validate_pruned_fields(config: Any) -> None:
     at parse time, naming the field and the fix, instead of building a wrong model.
     """
     name = type(config).__name__
-    depth = config.source_num_layers
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(
-            f"{name}.source_num_layers={depth!r}: must be a positive integer, the depth of the unpruned "
-            "source model (18 for stock pi0/pi0.5)"
-        )
-    kept = config.kept_layers
-    if not isinstance(kept, list | tuple) or not kept:
-        raise ValueError(
-            f"{name}.kept_layers={kept!r}: list the ORIGINAL indices (0..{depth - 1}) of the source layers to "
-            "keep, e.g. [0, 1, 2, 5]; vlaprune's surgery writes this list"
-        )
-    bad = [i for i in kept if isinstance(i, bool) or not isinstance(i, int)]
-    if bad:
-        raise ValueError(f"{name}.kept_layers holds non-integers {bad}: give original layer indices as integers")
-    outside = [i for i in kept if not 0 <= i < depth]
-    if outside:
-        raise ValueError(
-            f"{name}.kept_layers={list(kept)} has {outside} outside range({depth}) (source_num_layers={depth}): "
-            "use indices of the unpruned source, or set source_num_layers to its depth"
-        )
-    duplicates = sorted({i for i in kept if list(kept).count(i) > 1})
-    if duplicates:
-        raise ValueError(f"{name}.kept_layers={list(kept)} repeats {duplicates}: each source layer is kept once")
-    if list(kept) != sorted(kept):
-        raise ValueError(
-            f"{name}.kept_layers={list(kept)} is not sorted: kept layers stay in their original order, "
-            f"write {sorted(kept)}"
-        )
+    config.kept_layers = check_kept_list(f"{name}.kept_layers", config.kept_layers,
+                                         f"{name}.source_num_layers", config.source_num_layers)
     if config.builtin_architecture not in BUILTIN_ARCHITECTURES:
         raise ValueError(
             f"{name}.builtin_architecture={config.builtin_architecture!r}: must be null (LeRobot's stock "
             "architecture) or \"tiny\" (vlaprune's offline tiny architecture)"
         )
-    config.kept_layers = list(kept)
+
+
+def check_kept_list(what: str, kept: Any, depth_field: str, depth: Any) -> list[int]:
+    """``kept`` as a list of sorted, unique ORIGINAL indices in ``range(depth)``, or a ValueError
+    naming the field (``what``) and the fix."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"{depth_field}={depth!r}: must be a positive integer, the depth of the unpruned source")
+    if not isinstance(kept, list | tuple) or not kept:
+        raise ValueError(
+            f"{what}={kept!r}: list the ORIGINAL indices (0..{depth - 1}) of the source blocks to keep, "
+            "e.g. [0, 1, 2, 5]; vlaprune's surgery writes this list"
+        )
+    bad = [i for i in kept if isinstance(i, bool) or not isinstance(i, int)]
+    if bad:
+        raise ValueError(f"{what} holds non-integers {bad}: give original block indices as integers")
+    outside = [i for i in kept if not 0 <= i < depth]
+    if outside:
+        raise ValueError(
+            f"{what}={list(kept)} has {outside} outside range({depth}) ({depth_field}={depth}): "
+            "use indices of the unpruned source, or set the source depth"
+        )
+    duplicates = sorted({i for i in kept if list(kept).count(i) > 1})
+    if duplicates:
+        raise ValueError(f"{what}={list(kept)} repeats {duplicates}: each source block is kept once")
+    if list(kept) != sorted(kept):
+        raise ValueError(
+            f"{what}={list(kept)} is not sorted: kept blocks stay in their original order, write {sorted(kept)}"
+        )
+    return list(kept)
 
 
 def architecture(config: Any, variant: str) -> AbstractContextManager[Any]:
@@ -178,8 +179,7 @@ def load_pretrained_strict[P: nn.Module](
     load_model(policy, str(weights), strict=True, device=resolve_safetensors_device(config.device))
     policy.to(config.device)
     policy.eval()
-    logger.info("loaded %s (%d of %d source layers kept) from %s", config.type, len(config.kept_layers),
-                config.source_num_layers, pretrained_name_or_path)
+    logger.info("loaded %s from %s", config.type, pretrained_name_or_path)
     return policy
 
 
@@ -211,8 +211,8 @@ def check_checkpoint(policy: nn.Module, weights: Path) -> None:
         )
         raise PrunedCheckpointError(
             f"{weights} does not match the {getattr(policy.config, 'type', '')} policy its config builds: "
-            f"{details}. Loading it would leave random or wrong layers; check kept_layers / source_num_layers "
-            "in config.json against the tensors (layers must be numbered 0..K-1)"
+            f"{details}. Loading it would leave random or wrong layers; check the kept blocks and source depths "
+            "in config.json against the tensors (blocks must be numbered 0..K-1)"
         )
 
 

@@ -26,44 +26,98 @@ class StackSpec:
     of ``block.<input_norm>`` is the residual stream entering the block, and the input of the
     module at ``final_norm`` is the output of the last block. Hooking these norms (not the blocks)
     works whether or not the family's forward calls the block modules (pi0's joint path does not).
+    A stack with no final norm names instead, in ``final_output``, the module whose OUTPUT is the
+    last block's (GR00T's VL self-attention transformer).
     """
 
     name: str
     layers: str
-    final_norm: str
+    final_norm: str | None
     input_norm: str = "input_layernorm"
     depth_key: str | None = None  # policy config field holding the depth, if any
     description: str = ""
     # submodules of a block whose outputs are added to the residual stream: zeroing them makes the
     # block an exact identity, which is how a removed block is "skipped" without surgery (verify)
     residual_branches: tuple[str, ...] = ("self_attn.o_proj", "mlp")
+    final_output: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.final_norm is None) == (self.final_output is None):
+            raise ValueError(f"stack {self.name!r}: give exactly one of final_norm and final_output")
+
+    def stream_points(self, policy: nn.Module, layers: nn.ModuleList) -> list[StreamPoint]:
+        """Where the L+1 residual states of this stack can be observed: each block's input norm
+        (its input), then the final norm (its input) or the final module (its output)."""
+        points = [StreamPoint(resolve(block, self.input_norm), output=False) for block in layers]
+        if self.final_norm is not None:
+            return [*points, StreamPoint(resolve(policy, self.final_norm), output=False)]
+        assert self.final_output is not None
+        return [*points, StreamPoint(resolve(policy, self.final_output), output=True)]
+
+
+@dataclass(frozen=True)
+class StreamPoint:
+    """A module whose input (``output=False``: its first argument) or output is a residual state."""
+
+    module: nn.Module
+    output: bool
+
+    def hook(self, fn: Callable[[Any], None]) -> Any:
+        """Call ``fn(state)`` each time the state passes; returns the removable hook handle."""
+        if self.output:
+            return self.module.register_forward_hook(lambda _m, _args, out: fn(out))
+
+        def pre(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            fn(args[0] if args else kwargs.get("hidden_states", kwargs.get("x")))
+
+        return self.module.register_forward_pre_hook(pre, with_kwargs=True)
 
 
 @dataclass(frozen=True)
 class RoleRule:
-    """Role of a block decided by its position: ``role(i) = residue_roles.get(i % period, default)``.
+    """Role of a block decided by its position: ``role(i) = residue_roles.get(i % period, default)``,
+    or ``role_of(config, i)`` where a residue table cannot say it.
 
-    ``period`` is either a number or the name of a policy-config field. ``when`` optionally names a
-    config predicate under which the rule applies (for example SmolVLA's cross-attention mode).
-    A kept block must keep its role at its new position; shapes catch some violations, not all.
+    ``period`` is either a number or the name of a field of the config. The config is the object at
+    ``config_path`` from the policy (LeRobot's policy config by default; GR00T keeps its structure in
+    the base model's config). ``when`` optionally names a config predicate under which the rule
+    applies (for example SmolVLA's cross-attention mode). A kept block must keep its role at its new
+    position; shapes catch some violations, not all.
     """
 
     stack: str
-    period: int | str
-    residue_roles: tuple[tuple[int, str], ...]
-    default: str
     why: str
+    period: int | str = 0
+    residue_roles: tuple[tuple[int, str], ...] = ()
+    default: str = ""
     when: Callable[[Any], bool] | None = None
+    role_of: Callable[[Any, int], str] | None = None
+    config_path: str = "config"
 
     def roles(self, config: Any, num_layers: int) -> list[str] | None:
         """Role of every position in a stack of ``num_layers`` blocks, or None if it does not apply."""
         if self.when is not None and not self.when(config):
             return None
+        if self.role_of is not None:
+            return [self.role_of(config, i) for i in range(num_layers)]
         period = getattr(config, self.period) if isinstance(self.period, str) else self.period
         if period is None or int(period) <= 0:
             return None
         table = dict(self.residue_roles)
         return [table.get(i % int(period), self.default) for i in range(num_layers)]
+
+
+@dataclass(frozen=True)
+class Protection:
+    """Blocks of a stack that a plan must keep, decided by the model (``blocks(policy)``), and why.
+
+    GR00T N1.7 adds deepstack visual features into its first language layers by loop position:
+    removing one of them would move a feature into another layer.
+    """
+
+    stack: str
+    blocks: Callable[[Any], Sequence[int]]
+    why: str
 
 
 @dataclass
@@ -77,20 +131,56 @@ class PrefixPass:
 
 
 class FlowRunner(Protocol):
-    """Drives one calibration forward pass of a flow-matching VLA (prefix once, expert per timestep)."""
+    """Drives the forward passes of a flow-matching VLA that vlaprune needs: the calibration pass
+    (prefix once, expert per timestep) and, for verification and damage, the training loss and a
+    sampled action chunk at fixed noise.
+
+    Flow time follows LeRobot's pi0 / SmolVLA convention whatever the family's own: ``t = 1`` is pure
+    noise, ``t = 0`` the data, ``x_t = t·noise + (1 − t)·actions`` (GR00T's runner converts).
+    """
 
     def prefix(self, policy: Any, batch: dict[str, Any]) -> PrefixPass:
         """Run the VLM over images, language (and state) tokens; fill the KV cache."""
         ...
 
     def expert(self, policy: Any, prefix: PrefixPass, x_t: Tensor, t: Tensor) -> Tensor:
-        """Run the action expert on the noisy chunk ``x_t`` at flow time ``t``; return the velocity."""
+        """Run the action expert on the noisy chunk ``x_t`` at flow time ``t``; return its output."""
         ...
 
-    def inputs(self, policy: Any, batch: dict[str, Any]) -> tuple[Any, ...]:
-        """The observation inputs of ``policy.model.forward`` / ``sample_actions`` (images, masks,
-        language tokens and mask, and the state where the family takes it there)."""
+    def action_shape(self, policy: Any, batch: dict[str, Any]) -> tuple[int, int, int]:
+        """(batch, chunk, padded action dim) of the noise the expert denoises for ``batch``."""
         ...
+
+    def flow_loss(self, policy: Any, batch: dict[str, Any], noise: Tensor, time: Tensor) -> Tensor:
+        """The family's per-element flow-matching training loss (batch, chunk, action dim) at fixed
+        noise and time (one time per sample)."""
+        ...
+
+    def chunk(self, policy: Any, batch: dict[str, Any], noise: Tensor) -> Tensor:
+        """A sampled action chunk (batch, chunk, action dim) from fixed noise: prefix + every denoising step."""
+        ...
+
+
+class ModelForwardRunner:
+    """``flow_loss`` / ``chunk`` of families whose ``policy.model`` has LeRobot's pi0-style
+    ``forward(*inputs, actions, noise, time)`` and ``sample_actions(*inputs, noise=...)`` (pi0, pi0.5,
+    SmolVLA); subclasses give ``inputs``, the observation arguments of both."""
+
+    def inputs(self, policy: Any, batch: dict[str, Any]) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def action_shape(self, policy: Any, batch: dict[str, Any]) -> tuple[int, int, int]:
+        from lerobot.utils.constants import OBS_STATE
+
+        cfg = policy.config
+        return (int(batch[OBS_STATE].shape[0]), int(cfg.chunk_size), int(cfg.max_action_dim))
+
+    def flow_loss(self, policy: Any, batch: dict[str, Any], noise: Tensor, time: Tensor) -> Tensor:
+        actions = policy.prepare_action(batch)
+        return policy.model.forward(*self.inputs(policy, batch), actions, noise, time)
+
+    def chunk(self, policy: Any, batch: dict[str, Any], noise: Tensor) -> Tensor:
+        return policy.model.sample_actions(*self.inputs(policy, batch), noise=noise)
 
 
 class Surgeon(Protocol):
@@ -121,6 +211,7 @@ class Family:
     expert_stacks: tuple[str, ...]  # stacks that run once per flow timestep
     lockstep: tuple[tuple[str, ...], ...] = ()  # stacks that must lose the same indices
     role_rules: tuple[RoleRule, ...] = ()
+    protections: tuple[Protection, ...] = ()
     notes: tuple[str, ...] = ()
     # modules of the VLM backbone (vision encoder, connector, language model): what LeRobot's
     # ``train_expert_only`` freezes; everything else is the action head
@@ -136,9 +227,9 @@ class Family:
             unknown = set(group) - set(names)
             if unknown:
                 raise ValueError(f"family {self.name!r}: unknown stacks {sorted(unknown)}; stacks: {names}")
-        for rule in self.role_rules:
+        for rule in (*self.role_rules, *self.protections):
             if rule.stack not in names:
-                raise ValueError(f"family {self.name!r}: role rule for unknown stack {rule.stack!r}")
+                raise ValueError(f"family {self.name!r}: {type(rule).__name__} for unknown stack {rule.stack!r}")
 
     def stack(self, name: str) -> StackSpec:
         for spec in self.stacks:
@@ -160,9 +251,17 @@ class Family:
         depths = self.depths(policy)
         out: dict[str, list[str]] = {}
         for rule in self.role_rules:
-            roles = rule.roles(policy.config, depths[rule.stack])
+            roles = rule.roles(resolve(policy, rule.config_path), depths[rule.stack])
             if roles is not None:
                 out[rule.stack] = roles
+        return out
+
+    def protected(self, policy: nn.Module) -> dict[str, dict[int, str]]:
+        """Per stack, the blocks the family's rules keep, each with the reason."""
+        out: dict[str, dict[int, str]] = {}
+        for rule in self.protections:
+            for index in rule.blocks(policy):
+                out.setdefault(rule.stack, {})[int(index)] = rule.why
         return out
 
     def describe(self, policy: nn.Module) -> dict[str, Any]:
@@ -176,6 +275,7 @@ class Family:
             "lockstep": [list(g) for g in self.lockstep],
             "roles": self.roles(policy),
             "role_rules": [{"stack": r.stack, "period": r.period, "why": r.why} for r in self.role_rules],
+            "protected": {stack: sorted(blocks) for stack, blocks in self.protected(policy).items()},
             "notes": list(self.notes),
         }
 
@@ -219,16 +319,24 @@ def family_for(policy_or_type: Any) -> Family:
         ) from None
 
 
+def _runner(family: Family) -> FlowRunner:
+    if family.runner is None:
+        raise ValueError(f"family {family.name!r} has no forward runner")
+    return family.runner
+
+
 @torch.no_grad()
 def flow_loss(family: Family, policy: Any, batch: dict[str, Any], noise: Tensor, time: Tensor) -> Tensor:
-    """LeRobot's per-element flow-matching training loss (batch, chunk, max_action_dim), fixed noise/time."""
-    assert family.runner is not None
-    actions = policy.prepare_action(batch)
-    return policy.model.forward(*family.runner.inputs(policy, batch), actions, noise, time)
+    """The family's per-element flow-matching training loss (batch, chunk, action dim), fixed noise/time."""
+    return _runner(family).flow_loss(policy, batch, noise, time)
 
 
 @torch.no_grad()
 def action_chunk(family: Family, policy: Any, batch: dict[str, Any], noise: Tensor) -> Tensor:
-    """A sampled action chunk (batch, chunk, max_action_dim) from fixed noise: prefix + all denoising steps."""
-    assert family.runner is not None
-    return policy.model.sample_actions(*family.runner.inputs(policy, batch), noise=noise)
+    """A sampled action chunk (batch, chunk, action dim) from fixed noise: prefix + all denoising steps."""
+    return _runner(family).chunk(policy, batch, noise)
+
+
+def noise_shape(family: Family, policy: Any, batch: dict[str, Any]) -> tuple[int, int, int]:
+    """(batch, chunk, padded action dim): the shape of the noise ``action_chunk`` takes for ``batch``."""
+    return _runner(family).action_shape(policy, batch)

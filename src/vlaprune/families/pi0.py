@@ -14,13 +14,13 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import Family, PrefixPass, StackSpec, Surgeon, family_for, register_family
+from .base import Family, ModelForwardRunner, PrefixPass, StackSpec, Surgeon, family_for, register_family
 
 _VLM = "model.paligemma_with_expert.paligemma.model.language_model"
 _EXPERT = "model.paligemma_with_expert.gemma_expert.model"
 
 
-class PiRunner:
+class PiRunner(ModelForwardRunner):
     """Prefix through PaliGemma with a KV cache, then ``denoise_step`` per flow timestep.
 
     pi0 embeds the state as a suffix token (``denoise_step(state, ...)``); pi0.5 writes it into the

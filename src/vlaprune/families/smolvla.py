@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Family, PrefixPass, RoleRule, StackSpec, register_family
+from .base import Family, ModelForwardRunner, PrefixPass, RoleRule, StackSpec, register_family
 
 _VLM = "model.vlm_with_expert.vlm.model.text_model"
 _EXPERT = "model.vlm_with_expert.lm_expert"
 
 
-class SmolVLARunner:
+class SmolVLARunner(ModelForwardRunner):
     """Prefix through the VLM with a KV cache, then ``denoise_step`` per flow timestep."""
 
     def prefix(self, policy: Any, batch: dict[str, Any]) -> PrefixPass:

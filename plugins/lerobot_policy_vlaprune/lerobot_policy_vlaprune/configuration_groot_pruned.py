@@ -1,0 +1,52 @@
+"""``groot_pruned``: a GR00T N1.7 whose three stacks keep only some of the source's blocks.
+
+GR00T's depths live in the base model's config (``select_layer``, ``diffusion_model_cfg.num_layers``,
+``vl_self_attention_cfg.num_layers``), not in LeRobot's ``GrootConfig``, and ``GrootPolicy`` always
+rebuilds its model from ``base_model_path``. A depth-pruned GR00T is therefore a type of its own that
+carries the kept blocks; its policy builds the base model's architecture at the pruned depths from
+the base config alone (no base weights are read) and loads the checkpoint strictly. Every other field
+is a stock ``GrootConfig`` field, copied from the source policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lerobot.configs import PreTrainedConfig
+from lerobot.policies.groot.configuration_groot import GrootConfig
+
+from ._pruned import check_kept_list
+
+# vlaprune's stack names → the base-model config entry that holds the stack's depth
+GROOT_STACKS: dict[str, str] = {
+    "llm": "select_layer",
+    "vl_self_attention": "vl_self_attention_cfg.num_layers",
+    "dit": "diffusion_model_cfg.num_layers",
+}
+
+
+@PreTrainedConfig.register_subclass("groot_pruned")
+@dataclass
+class GrootPrunedConfig(GrootConfig):
+    """``GrootConfig`` plus, per stack, the ORIGINAL indices of the blocks kept and the source depth.
+
+    Stacks: ``llm`` (Qwen3-VL language layers up to ``select_layer``), ``vl_self_attention`` (the VL
+    self-attention blocks of the action head), ``dit`` (the AlternateVLDiT blocks). The policy holds
+    the kept blocks renumbered 0..K-1 in this order; ``source_depths`` must equal the base model's.
+    """
+
+    kept_blocks: dict[str, list[int]] = field(default_factory=dict)
+    source_depths: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        for attr in ("kept_blocks", "source_depths"):
+            keys = set(getattr(self, attr))
+            if keys != set(GROOT_STACKS):
+                raise ValueError(f"{name}.{attr} must name the stacks {sorted(GROOT_STACKS)}; got {sorted(keys)}")
+        self.kept_blocks = {
+            stack: check_kept_list(f"{name}.kept_blocks[{stack!r}]", self.kept_blocks[stack],
+                                   f"{name}.source_depths[{stack!r}]", self.source_depths[stack])
+            for stack in GROOT_STACKS
+        }

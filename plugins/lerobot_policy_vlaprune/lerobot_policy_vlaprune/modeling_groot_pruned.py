@@ -1,0 +1,107 @@
+"""``GrootPrunedPolicy``: LeRobot's ``GrootPolicy`` whose model is built at the pruned depths.
+
+``GrootPolicy`` rebuilds its model with ``GR00TN17.from_pretrained(base_model_path)``: the base
+model's weights at the base model's depths, which a pruned state dict cannot fit. Here the model is
+built from the base model's CONFIG alone, with ``select_layer``, the DiT's and the VL
+self-attention's ``num_layers`` set to the kept counts (no base weights are read), and
+``from_pretrained`` loads the checkpoint strictly (see ``_pruned``). Before building, the config's
+kept blocks are checked against the base model: source depths equal, every kept DiT block keeps its
+role (self-attention, cross-attention to text or to image tokens, decided by position and not
+caught by shapes), the language layers that receive deepstack visual features kept. Training,
+``select_action`` and processors are the stock GR00T ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lerobot.policies.groot.modeling_groot import GrootPolicy
+
+from ._pruned import PrunedCheckpointError, load_pretrained_strict
+from .configuration_groot_pruned import GROOT_STACKS, GrootPrunedConfig
+
+
+def _get(config: Any, dotted: str) -> Any:
+    head, _, rest = dotted.partition(".")
+    value = getattr(config, head)
+    return value[rest] if rest else value
+
+
+def build_pruned_model(config: GrootPrunedConfig) -> Any:
+    """The GR00T N1.7 model of ``config`` at its pruned depths, with untrained weights (to be loaded)."""
+    from lerobot.policies.groot.groot_n1_7 import GR00TN17, GR00TN17Config, _tie_unused_qwen_lm_head
+
+    from vlaprune.families.groot import check_deepstack, check_dit_roles
+
+    model_config = GR00TN17Config.from_pretrained(config.base_model_path)
+    source = {stack: _get(model_config, path) for stack, path in GROOT_STACKS.items()}
+    if source != config.source_depths:
+        raise PrunedCheckpointError(
+            f"the base model {config.base_model_path} has depths {source}, but this checkpoint was pruned from "
+            f"one with {config.source_depths} (source_depths in config.json): set base_model_path to the base "
+            "model it was pruned from"
+        )
+    check_dit_roles(model_config, config.kept_blocks["dit"])
+    overrides: dict[str, Any] = {"tune_top_llm_layers": config.tune_top_llm_layers,
+                                 "use_flash_attention": config.use_flash_attention}
+    if config.num_inference_timesteps is not None:
+        overrides["num_inference_timesteps"] = config.num_inference_timesteps
+    if config.rtc_ramp_rate is not None:
+        overrides["rtc_ramp_rate"] = config.rtc_ramp_rate
+    for key, value in overrides.items():
+        setattr(model_config, key, value)
+    model_config.select_layer = len(config.kept_blocks["llm"])
+    model_config.diffusion_model_cfg = {**model_config.diffusion_model_cfg,
+                                        "num_layers": len(config.kept_blocks["dit"])}
+    model_config.vl_self_attention_cfg = {**model_config.vl_self_attention_cfg,
+                                          "num_layers": len(config.kept_blocks["vl_self_attention"])}
+    model = GR00TN17(model_config, transformers_loading_kwargs={"trust_remote_code": True},
+                     load_backbone_weights=False)
+    check_deepstack(model.backbone.model.config, config.kept_blocks["llm"])
+    # as GR00TN17.from_pretrained and GrootPolicy._create_groot_model set them up
+    model.backbone.set_trainable_parameters(tune_visual=config.tune_visual, tune_llm=config.tune_llm,
+                                            tune_top_llm_layers=model_config.tune_top_llm_layers)
+    model.action_head.set_trainable_parameters(tune_projector=config.tune_projector,
+                                               tune_diffusion_model=config.tune_diffusion_model,
+                                               tune_vlln=config.tune_vlln)
+    _tie_unused_qwen_lm_head(model.backbone.model)
+    if config.model_params_fp32:
+        for parameter in model.parameters():
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(torch.float32)
+    return model
+
+
+class GrootPrunedPolicy(GrootPolicy):
+    """A depth-pruned GR00T N1.7: ``config.kept_blocks`` (original indices) held as blocks 0..K-1."""
+
+    config_class = GrootPrunedConfig
+    name = "groot_pruned"
+
+    def _create_groot_model(self) -> Any:
+        return build_pruned_model(self.config)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_name_or_path: str | Path,
+        *,
+        config: Any | None = None,
+        force_download: bool = False,
+        resume_download: bool | None = None,
+        proxies: dict[str, Any] | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Load a pruned checkpoint; any missing, unexpected or reshaped tensor raises."""
+        return load_pretrained_strict(
+            cls, pretrained_name_or_path, config=config, force_download=force_download,
+            resume_download=resume_download, proxies=proxies, token=token, cache_dir=cache_dir,
+            local_files_only=local_files_only, revision=revision, strict=strict, **kwargs,
+        )

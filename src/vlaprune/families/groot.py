@@ -1,0 +1,235 @@
+"""GR00T N1.7 (LeRobot 0.6.1, ``policies/groot``): Qwen3-VL language layers, VL self-attention, AlternateVLDiT.
+
+Rules (LEROBOT_FACTS.md):
+
+- ``llm``: the Qwen3-VL text layers kept up to ``select_layer``. Deepstack visual features (one per
+  entry of the vision config's ``deepstack_visual_indexes``, three in N1.7) are added to the
+  residual stream after text layers 0, 1, 2 *by loop position*: those layers are protected, or a
+  feature would silently enter another layer. The action head reads the last kept layer's output.
+- ``vl_self_attention``: the action head's self-attention blocks over the VL tokens. No role rule.
+- ``dit``: the AlternateVLDiT. Odd blocks self-attend (no cross-attention weights: shape-checked),
+  even blocks cross-attend, to the text tokens when ``idx % (2·attend_text_every_n_blocks) == 0``
+  and to the image tokens otherwise. The text/image choice is made by position at run time and has
+  the same weight shapes: a plan that moves a block to a position of the other kind runs and is
+  silently wrong, so the planner keeps every role, and the ``groot_pruned`` loader checks it again.
+
+The stacks are not coupled (no shared KV cache), so each is planned on its own. The depths live in
+the base model's config, so a pruned GR00T is a ``groot_pruned`` policy (plugin
+``lerobot_policy_vlaprune``) that builds the base architecture at the kept depths.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Family, PrefixPass, Protection, RoleRule, StackSpec, register_family
+
+_MODEL = "_groot_model"
+_LLM = f"{_MODEL}.backbone.model.model.language_model"
+_VLSA = f"{_MODEL}.action_head.vl_self_attention"
+_DIT = f"{_MODEL}.action_head.model"
+_DIT_BRANCHES = ("attn1", "ff")  # BasicTransformerBlock: x + attn1(norm1(x)), then x + ff(norm3(x))
+
+
+def dit_role(model_config: Any, index: int) -> str:
+    """Role of DiT block ``index`` of a GR00T N1.7 base-model config: how the model runs that position."""
+    dit = model_config.diffusion_model_cfg
+    if dit.get("interleave_self_attention", False) and index % 2 == 1:
+        return "self"
+    if not model_config.use_alternate_vl_dit:
+        return "cross"
+    return "cross-text" if index % (2 * model_config.attend_text_every_n_blocks) == 0 else "cross-image"
+
+
+def check_dit_roles(model_config: Any, kept: Sequence[int]) -> None:
+    """Raise ValueError unless every kept DiT block (original index) lands on a position of its role."""
+    for new, orig in enumerate(kept):
+        if dit_role(model_config, new) != dit_role(model_config, orig):
+            raise ValueError(
+                f"DiT role rule: original block {orig} ({dit_role(model_config, orig)}) would run at position {new} "
+                f"as {dit_role(model_config, new)}. GR00T decides self-attention / cross-attention to text / to "
+                "image by position (text/image is not caught by weight shapes): kept DiT blocks must keep their "
+                f"roles, e.g. whole groups of {2 * model_config.attend_text_every_n_blocks} consecutive blocks"
+            )
+
+
+def deepstack_layers(qwen_config: Any) -> list[int]:
+    """The text layers (loop positions) that receive deepstack visual features in a Qwen3-VL config."""
+    return list(range(len(qwen_config.vision_config.deepstack_visual_indexes or [])))
+
+
+def check_deepstack(qwen_config: Any, kept_llm: Sequence[int]) -> None:
+    """Raise ValueError unless the language layers that receive deepstack features are kept in place."""
+    needed = deepstack_layers(qwen_config)
+    if list(kept_llm[: len(needed)]) != needed:
+        raise ValueError(
+            f"deepstack rule: language layers {needed} receive the deepstack visual features by position and "
+            f"must be kept; kept language layers {list(kept_llm)}"
+        )
+
+
+class GrootRunner:
+    """Backbone (Qwen3-VL) → vlln + VL self-attention → DiT per flow timestep, as ``GR00TN17`` runs them.
+
+    GR00T's flow time is the reverse of pi0's (``x = (1 − τ)·noise + τ·actions``, τ = 1 the data,
+    discretised into ``num_timestep_buckets`` for the timestep embedding, velocity target
+    ``actions − noise``); the runner takes vlaprune's convention (t = 1 − τ) and converts.
+    """
+
+    def prefix(self, policy: Any, batch: dict[str, Any]) -> PrefixPass:
+        model = policy._groot_model
+        inputs = policy._filter_groot_inputs(batch, include_action="action" in batch)
+        backbone_inputs, action_inputs = model.prepare_input(inputs)
+        backbone_output = model.backbone(backbone_inputs)
+        # runs vlln + vl_self_attention (in place on backbone_output) and the state encoder
+        features = model.action_head._encode_features(backbone_output, action_inputs)
+        return PrefixPass(
+            pad_mask=backbone_output.backbone_attention_mask,
+            cache=None,
+            actions=action_inputs["action"] if "action" in action_inputs else torch.empty(0),
+            extra={"vl": features.backbone_features, "state": features.state_features,
+                   "embodiment": action_inputs.embodiment_id, "backbone": backbone_output,
+                   "action_mask": action_inputs.get("action_mask")},
+        )
+
+    def _velocity(self, policy: Any, prefix: PrefixPass, x: Tensor, bucket: Tensor) -> Tensor:
+        """The head's prediction for noisy chunk ``x`` at discretised GR00T time ``bucket`` (batch,)."""
+        head = policy._groot_model.action_head
+        emb = prefix.extra["embodiment"]
+        action_features = head.action_encoder(x, bucket, emb)
+        if head.config.add_pos_embed:
+            positions = torch.arange(action_features.shape[1], dtype=torch.long, device=x.device)
+            action_features = action_features + head.position_embedding(positions).unsqueeze(0)
+        tokens = torch.cat((prefix.extra["state"], action_features), dim=1)
+        kwargs: dict[str, Any] = {}
+        if head.config.use_alternate_vl_dit:
+            kwargs = {"image_mask": prefix.extra["backbone"].image_mask,
+                      "backbone_attention_mask": prefix.extra["backbone"].backbone_attention_mask}
+        out = head.model(hidden_states=tokens, encoder_hidden_states=prefix.extra["vl"], timestep=bucket, **kwargs)
+        return head.action_decoder(out, emb)[:, -x.shape[1]:]
+
+    def _bucket(self, policy: Any, t: Tensor) -> Tensor:
+        tau = 1.0 - t.float()
+        return (tau * policy._groot_model.action_head.num_timestep_buckets).long()
+
+    def expert(self, policy: Any, prefix: PrefixPass, x_t: Tensor, t: Tensor) -> Tensor:
+        return self._velocity(policy, prefix, x_t.to(prefix.extra["vl"].dtype), self._bucket(policy, t))
+
+    def action_shape(self, policy: Any, batch: dict[str, Any]) -> tuple[int, int, int]:
+        head = policy._groot_model.action_head
+        return (int(batch["state"].shape[0]), int(head.action_horizon), int(head.action_dim))
+
+    def flow_loss(self, policy: Any, batch: dict[str, Any], noise: Tensor, time: Tensor) -> Tensor:
+        """GR00T's masked per-element loss (``action_loss``) at fixed noise and time."""
+        prefix = self.prefix(policy, batch)
+        actions = prefix.actions
+        tau = (1.0 - time.float())[:, None, None].to(actions.dtype)
+        x = (1 - tau) * noise + tau * actions
+        pred = self._velocity(policy, prefix, x, self._bucket(policy, time))
+        return torch.nn.functional.mse_loss(pred, actions - noise, reduction="none") * prefix.extra["action_mask"]
+
+    def chunk(self, policy: Any, batch: dict[str, Any], noise: Tensor) -> Tensor:
+        """``GR00TN17.get_action`` without RTC, from the given noise: Euler steps at τ = k / N."""
+        head = policy._groot_model.action_head
+        prefix = self.prefix(policy, {k: v for k, v in batch.items() if k != "action"})
+        actions = noise.to(prefix.extra["vl"].dtype)
+        steps = head.num_inference_timesteps
+        for k in range(steps):
+            bucket = torch.full((actions.shape[0],), int(k / float(steps) * head.num_timestep_buckets),
+                                device=actions.device)
+            actions = actions + (1.0 / steps) * self._velocity(policy, prefix, actions, bucket)
+        return actions
+
+
+class GrootSurgeon:
+    """A pruned GR00T N1.7 is a ``groot_pruned`` policy (plugin ``lerobot_policy_vlaprune``).
+
+    Its config is the source's, every field copied, plus ``kept_blocks`` (original indices per stack)
+    and ``source_depths``. Pruning a pruned policy composes: positions map back to the original model.
+    """
+
+    def pruned_config(self, policy: Any, kept: Mapping[str, Sequence[int]]) -> Any:
+        from lerobot_policy_vlaprune import GrootPrunedConfig
+
+        family = GROOT
+        depths = family.depths(policy)
+        missing = set(depths) - set(kept)
+        if missing:
+            raise ValueError(f"GR00T surgery needs kept blocks for every stack; missing {sorted(missing)}")
+        for name, positions in kept.items():
+            if not positions or list(positions) != sorted(set(positions)) or not 0 <= positions[0] <= positions[-1] \
+                    < depths[name]:
+                raise ValueError(f"kept {name} blocks {list(positions)} must be non-empty, sorted, unique indices "
+                                 f"in range({depths[name]}) of this policy")
+        source = policy.config
+        if isinstance(source, GrootPrunedConfig):
+            original = {name: [source.kept_blocks[name][i] for i in kept[name]] for name in depths}
+            source_depths = dict(source.source_depths)
+        else:
+            original = {name: list(kept[name]) for name in depths}
+            source_depths = depths
+        skip = {"kept_blocks", "source_depths"}
+        fields = dataclasses.fields(source)
+        values = {f.name: copy.deepcopy(getattr(source, f.name)) for f in fields if f.init and f.name not in skip}
+        config = GrootPrunedConfig(**values, kept_blocks=original, source_depths=source_depths)
+        for f in fields:  # fields not set by __init__, if any
+            if not f.init and f.name not in skip:
+                setattr(config, f.name, copy.deepcopy(getattr(source, f.name)))
+        return config
+
+    def build(self, config: Any) -> Any:
+        from lerobot_policy_vlaprune.modeling_groot_pruned import GrootPrunedPolicy
+
+        return GrootPrunedPolicy(config).to(dtype=torch.float32)
+
+
+def _deepstack_protected(policy: Any) -> list[int]:
+    return deepstack_layers(policy._groot_model.backbone.model.config)
+
+
+GROOT = register_family(
+    Family(
+        name="groot",
+        policy_types=("groot", "groot_pruned"),
+        stacks=(
+            StackSpec("llm", f"{_LLM}.layers", f"{_LLM}.norm",
+                      description="Qwen3-VL language layers up to select_layer (deepstack features enter 0-2)"),
+            StackSpec("vl_self_attention", f"{_VLSA}.transformer_blocks", None, input_norm="norm1",
+                      residual_branches=_DIT_BRANCHES, final_output=_VLSA,
+                      description="VL self-attention blocks of the action head"),
+            StackSpec("dit", f"{_DIT}.transformer_blocks", f"{_DIT}.norm_out", input_norm="norm1",
+                      residual_branches=_DIT_BRANCHES,
+                      description="AlternateVLDiT blocks: odd self-attention, even cross-attention to text/image"),
+        ),
+        prefix_stacks=("llm", "vl_self_attention"),
+        expert_stacks=("dit",),
+        role_rules=(
+            RoleRule(
+                stack="dit",
+                why="odd blocks self-attend; even blocks cross-attend to text (idx % 4 == 0) or image tokens, "
+                    "chosen by position at run time and not caught by weight shapes",
+                role_of=dit_role,
+                config_path=f"{_MODEL}.config",
+            ),
+        ),
+        protections=(
+            Protection(stack="llm", blocks=_deepstack_protected,
+                       why="deepstack visual features are added after these language layers by position"),
+        ),
+        notes=(
+            "depths live in the base model's config (select_layer, diffusion_model_cfg.num_layers, "
+            "vl_self_attention_cfg.num_layers): pruned checkpoints are type groot_pruned",
+            "the action head reads the last kept language layer's output, before the final norm",
+            "flow time is reversed with respect to pi0 (tau = 1 is the data): the runner converts",
+        ),
+        backbone=(f"{_MODEL}.backbone",),
+        runner=GrootRunner(),
+        surgeon=GrootSurgeon(),
+    )
+)
