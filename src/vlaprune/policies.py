@@ -82,11 +82,11 @@ def _load_pretrained(path: str, *, local: bool) -> PolicyBundle:
     return PolicyBundle(spec=path, policy=policy, preprocessor=preprocessor, postprocessor=postprocessor)
 
 
-def check_weights_match(policy: Any, weights: Path) -> None:
-    """Refuse a checkpoint whose tensors do not cover the policy exactly.
+def weight_mismatch(policy: Any, weights: Path) -> str | None:
+    """What keeps ``weights`` (a safetensors file) from covering ``policy``'s state dict exactly, or None.
 
-    LeRobot's loaders are lenient (pi0 prints a warning and keeps random layers; the base loader
-    only logs missing keys), so compare key sets and shapes ourselves.
+    Tensors that share storage in the policy (tied weights, saved once by ``save_model``) count as
+    present when any of their names is in the file.
     """
     from safetensors import safe_open
 
@@ -94,13 +94,32 @@ def check_weights_match(policy: Any, weights: Path) -> None:
         raise FileNotFoundError(f"{weights} not found: a LeRobot checkpoint directory needs model.safetensors")
     with safe_open(str(weights), framework="pt") as f:
         saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
-    expected = {key: tuple(t.shape) for key, t in policy.state_dict().items()}
-    missing = sorted(set(expected) - set(saved))
+    state = policy.state_dict()
+    expected = {key: tuple(t.shape) for key, t in state.items()}
+    aliases: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+    for key, tensor in state.items():
+        aliases.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)),
+                           []).append(key)
+    covered = {key for group in aliases.values() if any(k in saved for k in group) for key in group}
+    missing = sorted(set(expected) - set(saved) - covered)
     unexpected = sorted(set(saved) - set(expected))
-    wrong = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{weights} does not match the policy its config builds: {len(missing)} missing "
-            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-            f"{len(wrong)} with other shapes (e.g. {wrong[:3]}). Loading it would leave random weights."
-        )
+    reshaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+    if not (missing or unexpected or reshaped):
+        return None
+    return "; ".join(
+        f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("with other shapes", reshaped))
+        if keys
+    )
+
+
+def check_weights_match(policy: Any, weights: Path) -> None:
+    """Refuse a checkpoint whose tensors do not cover the policy exactly.
+
+    LeRobot's loaders are lenient (pi0 prints a warning and keeps random layers; the base loader
+    only logs missing keys), so compare key sets and shapes ourselves.
+    """
+    problem = weight_mismatch(policy, weights)
+    if problem:
+        raise ValueError(f"{weights} does not match the policy its config builds: {problem}. Loading it would "
+                         "leave random weights.")

@@ -44,9 +44,7 @@ def lerobot_train(start: Path | str, *, repo_id: str, root: Path | str, out: Pat
            f"--dataset.repo_id={repo_id}", f"--dataset.root={root}", f"--steps={steps}", f"--batch_size={batch_size}",
            f"--save_freq={steps}", f"--log_freq={max(1, steps // 10)}", f"--num_workers={num_workers}",
            f"--output_dir={out}", f"--policy.device={device}", "--policy.push_to_hub=false", "--wandb.enable=false",
-           "--env_eval_freq=0",
-           f"--seed={seed}", f"--policy.scheduler_warmup_steps={max(1, steps // 10)}",
-           f"--policy.scheduler_decay_steps={steps}"]
+           "--env_eval_freq=0", f"--seed={seed}", *schedule_flags(Path(start), steps)]
     if lr is not None:
         cmd.append(f"--policy.optimizer_lr={lr}")
     t0 = time.perf_counter()
@@ -62,6 +60,20 @@ def lerobot_train(start: Path | str, *, repo_id: str, root: Path | str, out: Pat
         raise RuntimeError(f"lerobot-train finished without saving {checkpoint}; see {log}")
 
     return TrainRun(checkpoint=checkpoint, wall_s=wall, **parse_log(text))
+
+
+def schedule_flags(checkpoint: Path, steps: int) -> list[str]:
+    """lerobot-train flags for a warm-up over the first tenth of ``steps`` and a cosine decay to the end,
+    in the terms of the checkpoint's policy config: pi0 / SmolVLA name both lengths; GR00T derives its
+    warm-up from ``max_steps × warmup_ratio`` and decays over the run's ``--steps``."""
+    import json
+
+    fields = json.loads((checkpoint / "config.json").read_text())
+    if "scheduler_warmup_steps" in fields:
+        return [f"--policy.scheduler_warmup_steps={max(1, steps // 10)}", f"--policy.scheduler_decay_steps={steps}"]
+    if "warmup_ratio" in fields and "max_steps" in fields:
+        return [f"--policy.max_steps={steps}", "--policy.warmup_ratio=0.1"]
+    raise ValueError(f"{checkpoint}/config.json ({fields.get('type')}): no known learning-rate schedule fields")
 
 
 def parse_log(text: str) -> dict[str, float | None]:

@@ -184,34 +184,15 @@ def load_pretrained_strict[P: nn.Module](
 
 
 def check_checkpoint(policy: nn.Module, weights: Path) -> None:
-    """Raise :class:`PrunedCheckpointError` unless ``weights`` covers ``policy``'s state dict exactly.
+    """Raise :class:`PrunedCheckpointError` unless ``weights`` covers ``policy``'s state dict exactly
+    (tied weights saved once count as present)."""
+    from vlaprune.policies import weight_mismatch
 
-    Tensors that share storage in the policy (tied weights, saved once by ``save_model``) count as
-    present when any of their names is in the file.
-    """
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as f:
-        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
-    state = policy.state_dict()
-    expected = {key: tuple(t.shape) for key, t in state.items()}
-    aliases: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
-    for key, tensor in state.items():
-        aliases.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)),
-                           []).append(key)
-    covered = {key for group in aliases.values() if any(k in saved for k in group) for key in group}
-    missing = sorted(set(expected) - set(saved) - covered)
-    unexpected = sorted(set(saved) - set(expected))
-    reshaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
-    if missing or unexpected or reshaped:
-        details = "; ".join(
-            f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("with other shapes", reshaped))
-            if keys
-        )
+    problem = weight_mismatch(policy, weights)
+    if problem:
         raise PrunedCheckpointError(
             f"{weights} does not match the {getattr(policy.config, 'type', '')} policy its config builds: "
-            f"{details}. Loading it would leave random or wrong layers; check the kept blocks and source depths "
+            f"{problem}. Loading it would leave random or wrong layers; check the kept blocks and source depths "
             "in config.json against the tensors (blocks must be numbered 0..K-1)"
         )
 
