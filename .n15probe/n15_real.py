@@ -176,6 +176,19 @@ def load_n15_package(pkg_root: str | Path = DEFAULT_PKG_ROOT, wheel: str | Path 
                 delattr(pol, "groot")
     if g.tree is None:
         g.tree = _TreeShim()
+    # transformers 5.x from_pretrained instantiates the model under `torch.device("meta")`; the action head builds
+    # `torch.distributions.Beta(alpha, beta)` in __init__, whose arg validation calls .item() -> RuntimeError on meta.
+    # Build the Beta on CPU (same as a normal, non-meta construction) in the alias module only.
+    fm = sys.modules[f"{ALIAS}.action_head.flow_matching_action_head"]
+    if not getattr(fm.Beta, "_n15_cpu", False):
+        real_beta = fm.Beta
+
+        def _beta_cpu(*a, **kw):
+            with torch.device("cpu"):
+                return real_beta(*a, **kw)
+
+        _beta_cpu._n15_cpu = True
+        fm.Beta = _beta_cpu
     return g
 
 

@@ -106,7 +106,8 @@ def test_prune_half_depth_gives_a_verified_checkpoint_that_reloads_identically(t
     assert type(reloaded.policy).__name__ == "GrootPrunedPolicy"
     assert family_for(reloaded.policy).depths(reloaded.policy) == {n: d // 2 for n, d in DEPTHS.items()}
     data = batch(source)
-    with skip_blocks(source.policy, family_for(source.policy), {n: s["removed"] for n, s in manifest["stacks"].items()}):
+    removed = {n: s["removed"] for n, s in manifest["stacks"].items()}
+    with skip_blocks(source.policy, family_for(source.policy), removed):
         ref_loss, ref_chunk = _outputs(source.policy, data)
     loss, chunk = _outputs(reloaded.policy, data)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -161,7 +162,7 @@ def test_groot_pruned_checkpoints_load_strictly(tmp_path):
 
     with pytest.raises(ValueError, match="role"):  # same shapes, text and image blocks swapped
         load_with(kept_blocks={**original["kept_blocks"], "dit": [2, 3, 4, 5]})
-    with pytest.raises(PrunedCheckpointError, match="base model .* has depths"):
+    with pytest.raises(PrunedCheckpointError, match=r"base model .* has depths"):
         load_with(source_depths={**original["source_depths"], "dit": 16})
     with pytest.raises(PrunedCheckpointError, match="missing"):  # depths that disagree with the weights
         load_with(kept_blocks={**original["kept_blocks"], "dit": [0, 1, 2, 3, 4, 5]})
