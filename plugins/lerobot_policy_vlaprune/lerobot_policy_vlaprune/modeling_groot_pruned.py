@@ -81,10 +81,10 @@ class GrootPrunedPolicy(GrootPolicy):
     name = "groot_pruned"
 
     def _create_groot_model(self) -> Any:
-        return build_pruned_model(self.config)  # type: ignore[arg-type]
+        return build_pruned_model(self.config)
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
+    def from_pretrained(
         cls,
         pretrained_name_or_path: str | Path,
         *,

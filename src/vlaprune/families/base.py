@@ -227,9 +227,10 @@ class Family:
             unknown = set(group) - set(names)
             if unknown:
                 raise ValueError(f"family {self.name!r}: unknown stacks {sorted(unknown)}; stacks: {names}")
-        for rule in (*self.role_rules, *self.protections):
-            if rule.stack not in names:
-                raise ValueError(f"family {self.name!r}: {type(rule).__name__} for unknown stack {rule.stack!r}")
+        for kind, stack in [("role rule", r.stack) for r in self.role_rules] + [
+                ("protection", p.stack) for p in self.protections]:
+            if stack not in names:
+                raise ValueError(f"family {self.name!r}: {kind} for unknown stack {stack!r}")
 
     def stack(self, name: str) -> StackSpec:
         for spec in self.stacks:
