@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
+# transformers copies remote-code modules (GR00T N1.5's Eagle) here; read at its import, so set it now
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="vlaprune-hf-modules-"))
 
 import pytest
 import torch

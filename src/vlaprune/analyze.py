@@ -210,6 +210,7 @@ def run_analyze(cfg: AnalyzeConfig, *, on_batch: Callable[[int], None] | None = 
         root=cfg.dataset.root,
         config=calib,
         allow_synthetic=is_builtin(cfg.policy.path),
+        synthetic=bundle.synthetic,
     )
     calibration = describe_calibration(cfg.dataset.repo_id, cfg.dataset.root, calib)
     analysis = analyze_policy(

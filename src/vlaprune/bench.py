@@ -303,13 +303,14 @@ def _efficiency(measured_ratio: float, ideal_ratio: float) -> float:
 def bench_table(result: Mapping[str, Any]) -> str:
     """A readable table of one comparison."""
     full, pruned = result["full"], result["pruned"]
-    lines = [f"{'':<28}{'full':>12}{'pruned':>12}{'ratio':>8}{'ideal':>8}{'effic.':>8}"]
+    width = max(28, *(len(f"  chunk linear GFLOP, {part}") + 1 for part in full["chunk_linear_flops_by_part"]))
+    lines = [f"{'':<{width}}{'full':>12}{'pruned':>12}{'ratio':>8}{'ideal':>8}{'effic.':>8}"]
 
     def row(label: str, a: float, b: float, ratio: float | None = None, ideal: float | None = None,
             eff: float | None = None, fmt: str = "{:>12.3f}") -> None:
         cells = [fmt.format(a), fmt.format(b)]
         extra = "".join(f"{v:>8.3f}" if v is not None else f"{'':>8}" for v in (ratio, ideal, eff))
-        lines.append(f"{label:<28}{cells[0]}{cells[1]}{extra}")
+        lines.append(f"{label:<{width}}{cells[0]}{cells[1]}{extra}")
 
     row("action chunk (s)", full["chunk_s"], pruned["chunk_s"], result["inference_ratio"],
         result["ideal_inference_ratio"], result["inference_efficiency"])
@@ -442,7 +443,8 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
     def batches(num: int, seed: int) -> list[dict[str, Any]]:
         return list(calibration_batches(full, bundle.preprocessor, repo_id=cfg.dataset.repo_id,
                                         root=cfg.dataset.root, config=CalibrationConfig(num, num, seed),
-                                        allow_synthetic=is_builtin(cfg.policy.path)))
+                                        allow_synthetic=is_builtin(cfg.policy.path),
+                                        synthetic=bundle.synthetic))
 
     if cfg.pruned.path:
         manifest = read_manifest(Path(cfg.pruned.path))

@@ -4,7 +4,7 @@ own preprocessor, so the analysis sees exactly what the policy sees in fine-tuni
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,16 +151,26 @@ def calibration_batches(
     root: str | Path | None,
     config: CalibrationConfig,
     allow_synthetic: bool,
+    synthetic: Callable[[CalibrationConfig], Iterator[dict[str, Any]]] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Preprocessed calibration batches for ``policy`` (synthetic only where ``allow_synthetic``)."""
+    """Preprocessed calibration batches for ``policy`` (synthetic only where ``allow_synthetic``).
+
+    ``synthetic`` replaces the feature-based synthetic frames for policies whose inputs are not
+    LeRobot features; ``preprocessor=None`` passes batches through unchanged."""
     if repo_id == SYNTHETIC:
         if not allow_synthetic:
             raise ValueError(
                 "--dataset.repo_id=synthetic is only allowed for the built-in policies (tiny:*, real:*); "
                 "give a LeRobotDataset recorded for this policy (--dataset.repo_id / --dataset.root)"
             )
-        raw: Iterator[dict[str, Any]] = synthetic_batches(policy.config, config)
+        raw: Iterator[dict[str, Any]] = synthetic(config) if synthetic else synthetic_batches(policy.config, config)
+    elif not hasattr(policy.config, "input_features"):
+        raise ValueError(
+            f"{type(policy).__name__} takes no LeRobot features, so it cannot be calibrated from the dataset "
+            f"{repo_id!r}: GR00T N1.5 calibration from a LeRobotDataset needs its Eagle processor, which vlaprune "
+            "does not run. Use the Python API with batches of the model's inputs"
+        )
     else:
         raw = dataset_batches(policy.config, repo_id, root, config)
     for batch in raw:
-        yield preprocessor(batch)
+        yield batch if preprocessor is None else preprocessor(batch)

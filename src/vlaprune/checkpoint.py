@@ -29,8 +29,9 @@ def save_pruned(pruned: Any, bundle: Any, manifest: Mapping[str, Any], out: Path
 
     def write(directory: Path) -> None:
         pruned.save_pretrained(directory)
-        bundle.preprocessor.save_pretrained(directory)
-        bundle.postprocessor.save_pretrained(directory)
+        for processor in (bundle.preprocessor, bundle.postprocessor):
+            if processor is not None:  # GR00T N1.5 (Isaac-GR00T layout) has no LeRobot processors
+                processor.save_pretrained(directory)
         (directory / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, **manifest}, indent=2) + "\n")
 
     write_atomically(out, overwrite, write)

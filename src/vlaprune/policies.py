@@ -8,13 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import shipped
+from . import isaac_n15, shipped
 from .builtin.common import PolicyBundle
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_SPECS = ("tiny:smolvla", "tiny:pi0", "tiny:pi05", "tiny:groot", "real:smolvla", "real:pi0", "real:pi05",
-                 "real:groot")
+BUILTIN_SPECS = ("tiny:smolvla", "tiny:pi0", "tiny:pi05", "tiny:groot", "tiny:groot_n15", "real:smolvla",
+                 "real:pi0", "real:pi05", "real:groot")
 TRAINED_SPECS = (shipped.SPEC,)  # trained weights that come with vlaprune
 
 
@@ -31,7 +31,7 @@ def load_policy(spec: str, *, seed: int = 0, device: str = "cpu") -> PolicyBundl
     elif spec in TRAINED_SPECS:
         bundle = replace(_load_pretrained(str(shipped.policy_dir()), local=True), spec=spec)
     elif Path(spec).exists():
-        bundle = _load_pretrained(spec, local=True)
+        bundle = _load_n15(spec) if isaac_n15.is_n15_checkpoint(spec) else _load_pretrained(spec, local=True)
     elif Path(spec).is_absolute() or spec.startswith((".", "~")) or spec.count("/") != 1:
         raise FileNotFoundError(
             f"policy {spec!r}: no such directory. Give a LeRobot checkpoint directory "
@@ -57,6 +57,10 @@ def _build_builtin(spec: str, *, seed: int) -> PolicyBundle:
         from .builtin import groot
 
         return groot.build(size, seed=seed)  # type: ignore[arg-type]
+    if name == "groot_n15":
+        from .builtin import groot_n15
+
+        return groot_n15.build(size, seed=seed)
     from .builtin import pi0
 
     return pi0.build(name, size, seed=seed)  # type: ignore[arg-type]
@@ -111,6 +115,18 @@ def weight_mismatch(policy: Any, weights: Path) -> str | None:
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("with other shapes", reshaped))
         if keys
     )
+
+
+def _load_n15(path: str) -> PolicyBundle:
+    """An Isaac-GR00T N1.5 checkpoint directory, loaded strictly with LeRobot 0.5.1's N1.5 code."""
+    from .checkpoint import check_manifest, read_manifest
+    from .families import family_for
+
+    policy = isaac_n15.N15Policy(isaac_n15.load_checkpoint(path))
+    manifest = read_manifest(Path(path))
+    if manifest is not None:
+        check_manifest(policy, family_for(policy), manifest, Path(path))
+    return PolicyBundle(spec=path, policy=policy, preprocessor=None, postprocessor=None)
 
 
 def check_weights_match(policy: Any, weights: Path) -> None:

@@ -21,7 +21,7 @@ from .calibration import CalibrationConfig, calibration_batches, describe_calibr
 from .checkpoint import original_indices, read_manifest, save_pruned
 from .config import PlanArgs, PruneConfig
 from .families import family_for
-from .families.base import Family
+from .families.base import Family, policy_type
 from .flops import chunk_flops, parameter_counts
 from .outputs import prepare_output_dir
 from .plan import (
@@ -132,7 +132,8 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
     def batches(config: CalibrationConfig) -> list[dict[str, Any]]:
         return list(calibration_batches(source, bundle.preprocessor, repo_id=cfg.dataset.repo_id or "",
                                         root=cfg.dataset.root, config=config,
-                                        allow_synthetic=is_builtin(cfg.policy.path or "")))
+                                        allow_synthetic=is_builtin(cfg.policy.path or ""),
+                                        synthetic=bundle.synthetic))
 
     # held-out frames: another seed (a LeRobotDataset may repeat a few frames; synthetic never does)
     holdout = batches(CalibrationConfig(num_samples=cfg.holdout_samples, batch_size=calib.batch_size,
@@ -162,7 +163,7 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
     depths = family.depths(source)
     manifest: dict[str, Any] = {
         "family": family.name,
-        "policy_type": pruned.config.type,
+        "policy_type": policy_type(pruned),
         "source": cfg.policy.path,
         "method": plan.method,
         "requested_method": "manual" if cfg.plan.kept is not None else cfg.plan.method,

@@ -70,13 +70,15 @@ def remove_blocks(
     if missing:
         raise ValueError(f"the plan names no kept blocks for stack(s) {sorted(missing)} of {family.name}")
     config = family.surgeon.pruned_config(policy, kept)
-    device = config.device
-    config.device = "meta"  # LeRobot's constructors move the model to config.device
+    device = getattr(config, "device", None)
+    if device is not None:
+        config.device = "meta"  # LeRobot's constructors move the model to config.device
     try:
         with torch.device("meta"):
             pruned = family.surgeon.build(config)
     finally:
-        config.device = device
+        if device is not None:
+            config.device = device
     _take_tensors(pruned, policy, _source_namer(family, kept), share=share_weights)
     expected = {k: tuple(v.shape) for k, v in renumber_state_dict(policy.state_dict(), family, kept).items()}
     got = {k: tuple(v.shape) for k, v in pruned.state_dict().items()}

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,8 +66,10 @@ class PolicyBundle:
 
     spec: str  # e.g. "tiny:smolvla"
     policy: Any  # lerobot PreTrainedPolicy, eval mode, float32, CPU
-    preprocessor: Any  # lerobot PolicyProcessorPipeline (raw batch -> model batch)
-    postprocessor: Any  # lerobot PolicyProcessorPipeline (model action -> raw action)
+    preprocessor: Any  # lerobot PolicyProcessorPipeline (raw batch -> model batch); None: batches are model inputs
+    postprocessor: Any  # lerobot PolicyProcessorPipeline (model action -> raw action), or None
+    # seeded synthetic calibration batches, for policies whose inputs are not LeRobot features (GR00T N1.5)
+    synthetic: Callable[[Any], Iterator[dict[str, Any]]] | None = None
 
 
 def cache_dir() -> Path:

@@ -171,7 +171,7 @@ def _real_policy(config: Any) -> Any:
 
     model_config = GR00TN17Config.from_pretrained(config.base_model_path)
 
-    def from_config(cls: Any, path: str, **kwargs: Any) -> Any:
+    def from_config(cls: Any, *args: Any, **kwargs: Any) -> Any:
         model = GR00TN17(model_config, load_backbone_weights=False)
         model.backbone.set_trainable_parameters(tune_visual=kwargs.get("tune_visual", True),
                                                 tune_llm=kwargs.get("tune_llm", False))

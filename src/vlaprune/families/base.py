@@ -309,9 +309,15 @@ def supported_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def policy_type(policy: Any) -> str:
+    """A LeRobot policy config's ``type``, or a transformers config's ``model_type`` (Isaac-GR00T N1.5)."""
+    config = policy.config
+    return str(getattr(config, "type", None) or getattr(config, "model_type", ""))
+
+
 def family_for(policy_or_type: Any) -> Family:
     """The family of a policy (or of a LeRobot policy type name)."""
-    ptype: str = policy_or_type if isinstance(policy_or_type, str) else policy_or_type.config.type
+    ptype = policy_or_type if isinstance(policy_or_type, str) else policy_type(policy_or_type)
     try:
         return _REGISTRY[ptype]
     except KeyError:

@@ -75,58 +75,71 @@ def check_deepstack(qwen_config: Any, kept_llm: Sequence[int]) -> None:
 
 
 class GrootRunner:
-    """Backbone (Qwen3-VL) → vlln + VL self-attention → DiT per flow timestep, as ``GR00TN17`` runs them.
+    """Backbone → vlln + VL self-attention → DiT per flow timestep, as GR00T's model runs them.
 
     GR00T's flow time is the reverse of pi0's (``x = (1 − τ)·noise + τ·actions``, τ = 1 the data,
     discretised into ``num_timestep_buckets`` for the timestep embedding, velocity target
-    ``actions − noise``); the runner takes vlaprune's convention (t = 1 − τ) and converts.
+    ``actions − noise``); the runner takes vlaprune's convention (t = 1 − τ) and converts. N1.5's
+    runner (``groot_n15``) differs only in where the model sits and in the DiT's input tokens.
     """
 
+    def model(self, policy: Any) -> Any:
+        return policy._groot_model
+
+    def model_inputs(self, policy: Any, batch: dict[str, Any], *, with_action: bool) -> dict[str, Any]:
+        return dict(policy._filter_groot_inputs(batch, include_action=with_action))
+
+    def dit_tokens(self, head: Any, state: Tensor, actions: Tensor) -> Tensor:
+        return torch.cat((state, actions), dim=1)
+
     def prefix(self, policy: Any, batch: dict[str, Any]) -> PrefixPass:
-        model = policy._groot_model
-        inputs = policy._filter_groot_inputs(batch, include_action="action" in batch)
-        backbone_inputs, action_inputs = model.prepare_input(inputs)
+        model = self.model(policy)
+        backbone_inputs, action_inputs = model.prepare_input(
+            self.model_inputs(policy, batch, with_action="action" in batch))
         backbone_output = model.backbone(backbone_inputs)
-        # runs vlln + vl_self_attention (in place on backbone_output) and the state encoder
-        features = model.action_head._encode_features(backbone_output, action_inputs)
+        head = model.action_head
+        backbone_output = head.process_backbone_output(backbone_output)  # vlln + vl_self_attention
+        state = action_inputs.state
+        state_features = head.state_encoder(state.reshape(state.shape[0], 1, -1), action_inputs.embodiment_id)
         return PrefixPass(
             pad_mask=backbone_output.backbone_attention_mask,
             cache=None,
             actions=action_inputs["action"] if "action" in action_inputs else torch.empty(0),
-            extra={"vl": features.backbone_features, "state": features.state_features,
-                   "embodiment": action_inputs.embodiment_id, "backbone": backbone_output,
+            extra={"state": state_features, "embodiment": action_inputs.embodiment_id, "backbone": backbone_output,
                    "action_mask": action_inputs.get("action_mask")},
         )
 
     def _velocity(self, policy: Any, prefix: PrefixPass, x: Tensor, bucket: Tensor) -> Tensor:
         """The head's prediction for noisy chunk ``x`` at discretised GR00T time ``bucket`` (batch,)."""
-        head = policy._groot_model.action_head
+        head = self.model(policy).action_head
         emb = prefix.extra["embodiment"]
+        backbone = prefix.extra["backbone"]
         action_features = head.action_encoder(x, bucket, emb)
         if head.config.add_pos_embed:
             positions = torch.arange(action_features.shape[1], dtype=torch.long, device=x.device)
             action_features = action_features + head.position_embedding(positions).unsqueeze(0)
-        tokens = torch.cat((prefix.extra["state"], action_features), dim=1)
+        tokens = self.dit_tokens(head, prefix.extra["state"], action_features)
         kwargs: dict[str, Any] = {}
-        if head.config.use_alternate_vl_dit:
-            kwargs = {"image_mask": prefix.extra["backbone"].image_mask,
-                      "backbone_attention_mask": prefix.extra["backbone"].backbone_attention_mask}
-        out = head.model(hidden_states=tokens, encoder_hidden_states=prefix.extra["vl"], timestep=bucket, **kwargs)
+        if getattr(head.config, "use_alternate_vl_dit", False):
+            kwargs = {"image_mask": backbone.image_mask, "backbone_attention_mask": backbone.backbone_attention_mask}
+        out = head.model(hidden_states=tokens, encoder_hidden_states=backbone.backbone_features, timestep=bucket,
+                         **kwargs)
         return head.action_decoder(out, emb)[:, -x.shape[1]:]
 
     def _bucket(self, policy: Any, t: Tensor) -> Tensor:
         tau = 1.0 - t.float()
-        return (tau * policy._groot_model.action_head.num_timestep_buckets).long()
+        return (tau * self.model(policy).action_head.num_timestep_buckets).long()
 
     def expert(self, policy: Any, prefix: PrefixPass, x_t: Tensor, t: Tensor) -> Tensor:
-        return self._velocity(policy, prefix, x_t.to(prefix.extra["vl"].dtype), self._bucket(policy, t))
+        dtype = prefix.extra["backbone"].backbone_features.dtype
+        return self._velocity(policy, prefix, x_t.to(dtype), self._bucket(policy, t))
 
     def action_shape(self, policy: Any, batch: dict[str, Any]) -> tuple[int, int, int]:
-        head = policy._groot_model.action_head
+        head = self.model(policy).action_head
         return (int(batch["state"].shape[0]), int(head.action_horizon), int(head.action_dim))
 
     def flow_loss(self, policy: Any, batch: dict[str, Any], noise: Tensor, time: Tensor) -> Tensor:
-        """GR00T's masked per-element loss (``action_loss``) at fixed noise and time."""
+        """GR00T's masked per-element loss (N1.7's ``action_loss``) at fixed noise and time."""
         prefix = self.prefix(policy, batch)
         actions = prefix.actions
         tau = (1.0 - time.float())[:, None, None].to(actions.dtype)
@@ -135,10 +148,10 @@ class GrootRunner:
         return torch.nn.functional.mse_loss(pred, actions - noise, reduction="none") * prefix.extra["action_mask"]
 
     def chunk(self, policy: Any, batch: dict[str, Any], noise: Tensor) -> Tensor:
-        """``GR00TN17.get_action`` without RTC, from the given noise: Euler steps at τ = k / N."""
-        head = policy._groot_model.action_head
-        prefix = self.prefix(policy, {k: v for k, v in batch.items() if k != "action"})
-        actions = noise.to(prefix.extra["vl"].dtype)
+        """GR00T's ``get_action`` without RTC, from the given noise: Euler steps at τ = k / N."""
+        head = self.model(policy).action_head
+        prefix = self.prefix(policy, {k: v for k, v in batch.items() if k not in ("action", "action_mask")})
+        actions = noise.to(prefix.extra["backbone"].backbone_features.dtype)
         steps = head.num_inference_timesteps
         for k in range(steps):
             bucket = torch.full((actions.shape[0],), int(k / float(steps) * head.num_timestep_buckets),

@@ -1,0 +1,107 @@
+"""GR00T N1.5 (NVIDIA Isaac-GR00T layout; LeRobot's port up to 0.5.1): Eagle (Qwen3) LM, VL self-attention, DiT.
+
+The policy is :class:`vlaprune.isaac_n15.N15Policy`, a thin wrapper whose ``.model`` is the
+``GR00TN15`` model, so the module paths are Isaac-GR00T's with a ``model.`` prefix. Rules:
+
+- ``llm``: the Eagle 2.5 VL language model's Qwen3 layers, truncated at ``backbone_cfg.select_layer``
+  (12); the action head reads the final norm of the last kept layer's output. No deepstack.
+- ``vl_self_attention``: ``action_head.vl_self_attention`` (4 blocks). No role rule.
+- ``dit``: ``action_head.model`` (16 blocks): odd blocks self-attend, even blocks cross-attend to
+  the VL tokens, decided by position at build (shapes) and at run time. No text/image alternation.
+
+Depths live in the checkpoint's ``config.json``; a pruned checkpoint is the same layout with
+``select_layer``, ``diffusion_model_cfg.num_layers`` and ``vl_self_attention_cfg.num_layers`` set to
+the kept counts, which Isaac-GR00T's loader (``GR00TN15.from_pretrained``) builds and fills.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from .base import Family, RoleRule, StackSpec, register_family
+from .groot import GrootRunner
+
+_LLM = "model.backbone.eagle_model.language_model.model"
+_VLSA = "model.action_head.vl_self_attention"
+_DIT = "model.action_head.model"
+_BRANCHES = ("attn1", "ff")
+
+# config.json entries holding each stack's depth (dotted into the nested dicts)
+DEPTH_KEYS = {"llm": ("backbone_cfg", "select_layer"),
+              "vl_self_attention": ("action_head_cfg", "vl_self_attention_cfg", "num_layers"),
+              "dit": ("action_head_cfg", "diffusion_model_cfg", "num_layers")}
+
+# The CLP authors' hand-picked kept blocks for GR00T-N1.5 (their code, not saved in their checkpoints)
+PAPER_PLAN = {"llm": [0, 1, 2, 10, 11], "vl_self_attention": [0, 1, 3], "dit": [0, 3, 8, 9, 12, 13, 14, 15]}
+
+
+class GrootN15Runner(GrootRunner):
+    """N1.5's model is the policy's ``.model``; its DiT reads [state, future tokens, actions]."""
+
+    def model(self, policy: Any) -> Any:
+        return policy.model
+
+    def model_inputs(self, policy: Any, batch: dict[str, Any], *, with_action: bool) -> dict[str, Any]:
+        from ..isaac_n15 import model_inputs
+
+        return model_inputs(batch, with_action=with_action)
+
+    def dit_tokens(self, head: Any, state: Tensor, actions: Tensor) -> Tensor:
+        import torch
+
+        future = head.future_tokens.weight.unsqueeze(0).expand(state.shape[0], -1, -1)
+        return torch.cat((state, future, actions), dim=1)
+
+
+class GrootN15Surgeon:
+    """A pruned N1.5 is a ``GR00TN15`` of the same config with the stacks' depths set to the kept counts."""
+
+    def pruned_config(self, policy: Any, kept: Mapping[str, Sequence[int]]) -> Any:
+        config = copy.deepcopy(policy.config)
+        for stack, path in DEPTH_KEYS.items():
+            entry = getattr(config, path[0])
+            for key in path[1:-1]:
+                entry = entry[key]
+            entry[path[-1]] = len(kept[stack])
+        return config
+
+    def build(self, config: Any) -> Any:
+        from ..isaac_n15 import N15Policy, load
+
+        return N15Policy(load().GR00TN15(config, local_model_path=""))
+
+
+GROOT_N15 = register_family(
+    Family(
+        name="groot_n15",
+        policy_types=("gr00t_n1_5",),
+        stacks=(
+            StackSpec("llm", f"{_LLM}.layers", f"{_LLM}.norm",
+                      description="Eagle 2.5 VL (Qwen3) language layers up to select_layer"),
+            StackSpec("vl_self_attention", f"{_VLSA}.transformer_blocks", None, input_norm="norm1",
+                      residual_branches=_BRANCHES, final_output=_VLSA,
+                      description="VL self-attention blocks of the action head"),
+            StackSpec("dit", f"{_DIT}.transformer_blocks", f"{_DIT}.norm_out", input_norm="norm1",
+                      residual_branches=_BRANCHES, description="DiT blocks: odd self-attention, even cross-attention"),
+        ),
+        prefix_stacks=("llm", "vl_self_attention"),
+        expert_stacks=("dit",),
+        role_rules=(
+            RoleRule(stack="dit", period=2, residue_roles=((1, "self"),), default="cross",
+                     why="odd DiT blocks self-attend, even ones cross-attend to the VL tokens (built and run by "
+                         "position)"),
+        ),
+        notes=(
+            "Isaac-GR00T layout: depths in config.json (backbone_cfg.select_layer, action_head_cfg."
+            "diffusion_model_cfg.num_layers, action_head_cfg.vl_self_attention_cfg.num_layers)",
+            "the action head reads the final norm of the last kept language layer",
+        ),
+        backbone=("model.backbone",),
+        runner=GrootN15Runner(),
+        surgeon=GrootN15Surgeon(),
+    )
+)

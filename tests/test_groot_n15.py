@@ -1,0 +1,136 @@
+"""GR00T N1.5 (Isaac-GR00T layout), tested against the real N1.5 model code: LeRobot 0.5.1's port of
+Isaac-GR00T's ``GR00T_N1_5`` (``vlaprune.isaac_n15``), at N1.5's depths (12 / 4 / 16) and tiny widths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vlaprune import load_policy
+from vlaprune.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
+from vlaprune.families import family_for
+from vlaprune.families.base import action_chunk, flow_loss
+from vlaprune.families.groot_n15 import PAPER_PLAN
+from vlaprune.prune import run_prune
+from vlaprune.surgery import skip_blocks
+
+SPEC = "tiny:groot_n15"
+DEPTHS = {"llm": 12, "vl_self_attention": 4, "dit": 16}
+
+
+def _cfg(out, **plan):
+    plan = {"ratio": 0.5, **plan} if not {"keep", "kept", "threshold"} & set(plan) else plan
+    return PruneConfig(policy=PolicyArgs(path=SPEC), dataset=DatasetArgs(repo_id="synthetic"),
+                       calibration=CalibrationArgs(num_samples=4, batch_size=2), holdout_samples=2,
+                       plan=PlanArgs(**plan), out=str(out))
+
+
+def _batch(bundle, n=3, seed=0):
+    from vlaprune.calibration import CalibrationConfig
+
+    assert bundle.synthetic is not None
+    return next(bundle.synthetic(CalibrationConfig(num_samples=n, batch_size=n, seed=seed)))
+
+
+def _outputs(policy, data):
+    family = family_for(policy)
+    head = policy.model.action_head
+    noise = torch.randn((data["state"].shape[0], head.action_horizon, head.action_dim),
+                        generator=torch.Generator().manual_seed(3))
+    time = torch.linspace(0.2, 0.8, data["state"].shape[0])
+    return flow_loss(family, policy, data, noise, time), action_chunk(family, policy, data, noise)
+
+
+def test_tiny_n15_is_the_real_n15_code_at_n15_depths(tiny):
+    bundle = tiny(SPEC)
+    model = bundle.policy.model
+    assert type(model).__name__ == "GR00TN15" and type(model).__module__ == "lerobot_groot_n15.groot_n1"
+    family = family_for(bundle.policy)
+    assert family.name == "groot_n15" and family.depths(bundle.policy) == DEPTHS
+    assert family.roles(bundle.policy) == {"dit": ["cross", "self"] * 8}
+    # odd DiT blocks are built without cross-attention weights: the role is in the shapes
+    blocks = model.action_head.model.transformer_blocks
+    assert blocks[0].attn1.to_k.in_features != blocks[1].attn1.to_k.in_features
+
+
+def test_runner_reproduces_gr00tn15_loss_and_action_sampling(tiny):
+    bundle = tiny(SPEC)
+    policy, model = bundle.policy, bundle.policy.model
+    data = _batch(bundle)
+    head = model.action_head
+    shape = data["action"].shape
+
+    torch.manual_seed(11)  # N1.5 draws noise, then its Beta time, from the global generator
+    with torch.no_grad():
+        reference = model.forward({k: v for k, v in data.items() if k != "task"})["loss"]
+    torch.manual_seed(11)
+    noise = torch.randn(shape)
+    sample = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0)).sample([shape[0]])
+    tau = (head.config.noise_s - sample) / head.config.noise_s
+    loss = flow_loss(family_for(policy), policy, data, noise, 1 - tau)
+    torch.testing.assert_close(loss.sum() / data["action_mask"].sum(), reference, rtol=1e-4, atol=1e-5)
+
+    torch.manual_seed(5)
+    reference_chunk = policy.predict_action_chunk(data)
+    torch.manual_seed(5)
+    chunk = action_chunk(family_for(policy), policy, data, torch.randn(shape))
+    torch.testing.assert_close(chunk, reference_chunk, rtol=1e-5, atol=1e-6)
+
+
+def test_the_papers_plan_gives_an_isaac_checkpoint_the_n15_loader_reads(tmp_path, tiny):
+    from vlaprune import isaac_n15
+
+    result = run_prune(_cfg(tmp_path / "p", kept=PAPER_PLAN))
+    out = tmp_path / "p"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "prune_manifest.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gr00t_n1_5"
+    assert config["backbone_cfg"]["select_layer"] == 5
+    assert config["action_head_cfg"]["vl_self_attention_cfg"]["num_layers"] == 3
+    assert config["action_head_cfg"]["diffusion_model_cfg"]["num_layers"] == 8
+    manifest = json.loads((out / "prune_manifest.json").read_text())
+    assert manifest["method"] == "manual" and {n: s["kept"] for n, s in manifest["stacks"].items()} == PAPER_PLAN
+    assert manifest["verify"]["chunk_max_abs_diff"] < 1e-4
+
+    # the N1.5 loader itself (GR00TN15.from_pretrained) builds the pruned depths and fills every tensor
+    model = isaac_n15.load().GR00TN15.from_pretrained(str(out))
+    assert len(model.backbone.eagle_model.language_model.model.layers) == 5
+    assert len(model.action_head.model.transformer_blocks) == 8
+    assert len(model.action_head.vl_self_attention.transformer_blocks) == 3
+    from vlaprune.policies import weight_mismatch
+
+    assert weight_mismatch(model, out / "model.safetensors") is None
+
+    source = tiny(SPEC)
+    reloaded = load_policy(str(out))
+    data = _batch(source)
+    with skip_blocks(source.policy, family_for(source.policy), {n: s["removed"] for n, s in manifest["stacks"].items()}):
+        ref_loss, ref_chunk = _outputs(source.policy, data)
+    loss, chunk = _outputs(reloaded.policy, data)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunk, ref_chunk, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(loss, _outputs(source.policy, data)[0], atol=1e-3)
+    mem = _outputs(result.pruned, data)
+    assert torch.equal(loss, mem[0]) and torch.equal(chunk, mem[1])
+
+
+def test_planned_half_depth_keeps_dit_roles(tmp_path):
+    result = run_prune(_cfg(tmp_path / "p"))
+    kept = {n: s["kept"] for n, s in result.manifest["stacks"].items()}
+    assert {n: len(k) for n, k in kept.items()} == {n: d // 2 for n, d in DEPTHS.items()}
+    assert all(k % 2 == j % 2 for j, k in enumerate(kept["dit"]))  # self stays odd, cross even
+
+
+def test_bad_n15_plans_and_checkpoints_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="role rule broken"):
+        run_prune(_cfg(tmp_path / "bad", kept={**PAPER_PLAN, "dit": [0, 2, 4, 6]}))
+    assert not (tmp_path / "bad").exists()
+    run_prune(_cfg(tmp_path / "p", kept=PAPER_PLAN))
+    path = tmp_path / "p" / "config.json"
+    config = json.loads(path.read_text())
+    config["action_head_cfg"]["diffusion_model_cfg"]["num_layers"] = 10  # depths that disagree with the weights
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="missing"):
+        load_policy(str(tmp_path / "p"))
