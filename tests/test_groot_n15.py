@@ -106,7 +106,8 @@ def test_the_papers_plan_gives_an_isaac_checkpoint_the_n15_loader_reads(tmp_path
     source = tiny(SPEC)
     reloaded = load_policy(str(out))
     data = _batch(source)
-    with skip_blocks(source.policy, family_for(source.policy), {n: s["removed"] for n, s in manifest["stacks"].items()}):
+    removed = {n: s["removed"] for n, s in manifest["stacks"].items()}
+    with skip_blocks(source.policy, family_for(source.policy), removed):
         ref_loss, ref_chunk = _outputs(source.policy, data)
     loss, chunk = _outputs(reloaded.policy, data)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
