@@ -205,3 +205,19 @@ def test_lerobot_train_trains_the_pruned_groot(tmp_path):
     data = batch(trained)
     for a, b in zip(_outputs(trained.policy, data), _outputs(stock, data), strict=True):
         assert torch.equal(a, b)
+
+
+def test_cli_analyze_and_bench(tmp_path, capsys):
+    from vlaprune.cli import main
+
+    assert main(["analyze", f"--policy.path={SPEC}", "--dataset.repo_id=synthetic", f"--out={tmp_path / 'a'}",
+                 "--calibration.num_samples=4", "--calibration.batch_size=2"]) == 0
+    analysis = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert {n: s["num_layers"] for n, s in analysis["stacks"].items()} == DEPTHS
+    assert analysis["family"] == "groot" and analysis["structure"]["protected"] == {"llm": [0, 1, 2]}
+    assert {f"cka_{n}.png" for n in DEPTHS} <= {p.name for p in (tmp_path / "a").iterdir()}
+    assert main(["bench", f"--policy.path={SPEC}", "--ratio=0.5", "--rounds=1", "--warmup=0",
+                 f"--out={tmp_path / 'bench.json'}"]) == 0
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["inference_ratio"] > 0 and bench["train_step_ratio"] > 0 and bench["cameras"] == 1
+    assert "chunk linear GFLOP, vl_self_attention" in capsys.readouterr().out

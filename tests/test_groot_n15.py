@@ -135,3 +135,22 @@ def test_bad_n15_plans_and_checkpoints_are_refused(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="missing"):
         load_policy(str(tmp_path / "p"))
+
+
+def test_cli_analyze_and_bench(tmp_path):
+    from vlaprune.cli import main
+
+    assert main(["analyze", f"--policy.path={SPEC}", "--dataset.repo_id=synthetic", f"--out={tmp_path / 'a'}",
+                 "--calibration.num_samples=4", "--calibration.batch_size=2"]) == 0
+    analysis = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert {n: s["num_layers"] for n, s in analysis["stacks"].items()} == DEPTHS
+    assert main(["bench", f"--policy.path={SPEC}", "--ratio=0.5", "--rounds=1", "--warmup=0",
+                 f"--out={tmp_path / 'bench.json'}"]) == 0
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["inference_ratio"] > 0 and bench["train_step_ratio"] > 0
+
+
+def test_n15_needs_a_dataset_it_can_read(tmp_path):
+    with pytest.raises(ValueError, match="LeRobotDataset"):
+        run_prune(PruneConfig(policy=PolicyArgs(path=SPEC), dataset=DatasetArgs(repo_id="local/x", root=str(tmp_path)),
+                              plan=PlanArgs(ratio=0.5), out=str(tmp_path / "p")))

@@ -481,12 +481,13 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
     observation = {k: v for k, v in batches(cfg.batch_size, 1)[0].items() if not k.startswith("action")}
     train_batch = batches(cfg.train_batch_size, 2)[0] if cfg.train_batch_size else None
     check_fits(full, observation, train_batch, lambda n: batches(n, 2)[0])
+    cameras = getattr(full.config, "image_features", {})  # GR00T N1.5's inputs are not LeRobot features
     result = compare(full, pruned, family, removed_blocks(family, full, kept), train_batch, observation,
                      rounds=cfg.rounds, warmup=cfg.warmup, on_round=on_round)
     result.update({
         "policy": cfg.policy.path, "pruned_path": cfg.pruned.path, "method": method, "kept": kept,
-        "dtype": cfg.dtype, "batch_size": cfg.batch_size, "cameras": len(full.config.image_features),
-        "image_size": [list(f.shape)[1:] for f in full.config.image_features.values()],
+        "dtype": cfg.dtype, "batch_size": cfg.batch_size, "cameras": len(cameras),
+        "image_size": [list(f.shape)[1:] for f in cameras.values()],
         "shared_weights": not cfg.pruned.path,
         "train_batch_size": cfg.train_batch_size,
         "trainable_set": cfg.trainable,
