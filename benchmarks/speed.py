@@ -10,7 +10,9 @@ refine: timing does not need trained weights), alternating A B A B after a warm-
 
 The README's CPU rows: ``--policies real:smolvla`` (SmolVLA's default trainable set is already the
 expert) and ``--policies real:pi0 real:pi05 --trainable expert --train_batch_size 1`` (pi0 trains
-everything by default: 4B parameters plus AdamW states do not fit 24 GB). Prints a markdown table
+everything by default: 4B parameters plus AdamW states do not fit 24 GB), and ``--policies real:groot
+--train_batch_size 0`` (inference only: a float32 training step of GR00T N1.7's default trainable set,
+1.6B parameters, went past 24 GB). Prints a markdown table
 (with the machine) and a final JSON line. Time it on a quiet machine.
 """
 
