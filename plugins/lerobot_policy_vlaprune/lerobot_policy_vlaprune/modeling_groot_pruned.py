@@ -31,7 +31,7 @@ def _get(config: Any, dotted: str) -> Any:
 
 def build_pruned_model(config: GrootPrunedConfig) -> Any:
     """The GR00T N1.7 model of ``config`` at its pruned depths, with untrained weights (to be loaded)."""
-    from lerobot.policies.groot.groot_n1_7 import GR00TN17, GR00TN17Config, _tie_unused_qwen_lm_head
+    from lerobot.policies.groot.groot_n1_7 import GR00TN17Config
 
     from vlaprune.families.groot import check_deepstack, check_dit_roles
 
@@ -44,6 +44,22 @@ def build_pruned_model(config: GrootPrunedConfig) -> Any:
             "model it was pruned from"
         )
     check_dit_roles(model_config, config.kept_blocks["dit"])
+    model_config.select_layer = len(config.kept_blocks["llm"])
+    model_config.diffusion_model_cfg = {**model_config.diffusion_model_cfg,
+                                        "num_layers": len(config.kept_blocks["dit"])}
+    model_config.vl_self_attention_cfg = {**model_config.vl_self_attention_cfg,
+                                          "num_layers": len(config.kept_blocks["vl_self_attention"])}
+    model = build_model(config, model_config)
+    check_deepstack(model.backbone.model.config, config.kept_blocks["llm"])
+    return model
+
+
+def build_model(config: Any, model_config: Any) -> Any:
+    """``GR00TN17`` of ``model_config`` (untrained, no base weights read), set up as
+    ``GrootPolicy._create_groot_model`` and ``GR00TN17.from_pretrained`` set up a loaded one for the
+    policy ``config``: its inference knobs, trainable parts, the tied unused LM head, float32 parameters."""
+    from lerobot.policies.groot.groot_n1_7 import GR00TN17, _tie_unused_qwen_lm_head
+
     overrides: dict[str, Any] = {"tune_top_llm_layers": config.tune_top_llm_layers,
                                  "use_flash_attention": config.use_flash_attention}
     if config.num_inference_timesteps is not None:
@@ -52,15 +68,8 @@ def build_pruned_model(config: GrootPrunedConfig) -> Any:
         overrides["rtc_ramp_rate"] = config.rtc_ramp_rate
     for key, value in overrides.items():
         setattr(model_config, key, value)
-    model_config.select_layer = len(config.kept_blocks["llm"])
-    model_config.diffusion_model_cfg = {**model_config.diffusion_model_cfg,
-                                        "num_layers": len(config.kept_blocks["dit"])}
-    model_config.vl_self_attention_cfg = {**model_config.vl_self_attention_cfg,
-                                          "num_layers": len(config.kept_blocks["vl_self_attention"])}
     model = GR00TN17(model_config, transformers_loading_kwargs={"trust_remote_code": True},
                      load_backbone_weights=False)
-    check_deepstack(model.backbone.model.config, config.kept_blocks["llm"])
-    # as GR00TN17.from_pretrained and GrootPolicy._create_groot_model set them up
     model.backbone.set_trainable_parameters(tune_visual=config.tune_visual, tune_llm=config.tune_llm,
                                             tune_top_llm_layers=model_config.tune_top_llm_layers)
     model.action_head.set_trainable_parameters(tune_projector=config.tune_projector,

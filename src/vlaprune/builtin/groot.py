@@ -161,27 +161,19 @@ def point_vlm_encoder(preprocessor: Any, qwen_dir: Path, spec: dict[str, Any]) -
 
 
 def _real_policy(config: Any) -> Any:
-    """``real:groot`` without writing 3B weights to disk: the policy is built around a model made from
-    the base directory's config (random weights, seeded by the caller), as ``from_pretrained`` would
-    build it before loading."""
-    from unittest import mock
-
-    from lerobot.policies.groot.groot_n1_7 import GR00TN17, GR00TN17Config
+    """``real:groot`` without writing 3B weights to disk: a ``GrootPolicy`` whose model is built from the
+    base directory's config (random weights, seeded by the caller) instead of loaded from it, set up as
+    ``GrootPolicy`` sets up a loaded one (the plugin's ``build_model``, shared with ``groot_pruned``)."""
+    from lerobot.policies.groot.groot_n1_7 import GR00TN17Config
     from lerobot.policies.groot.modeling_groot import GrootPolicy
 
-    model_config = GR00TN17Config.from_pretrained(config.base_model_path)
+    from lerobot_policy_vlaprune.modeling_groot_pruned import build_model
 
-    def from_config(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        model = GR00TN17(model_config, load_backbone_weights=False)
-        model.backbone.set_trainable_parameters(tune_visual=kwargs.get("tune_visual", True),
-                                                tune_llm=kwargs.get("tune_llm", False))
-        model.action_head.set_trainable_parameters(tune_projector=kwargs.get("tune_projector", True),
-                                                   tune_diffusion_model=kwargs.get("tune_diffusion_model", True),
-                                                   tune_vlln=kwargs.get("tune_vlln", True))
-        return model
+    class ConfigOnlyGrootPolicy(GrootPolicy):
+        def _create_groot_model(self) -> Any:
+            return build_model(self.config, GR00TN17Config.from_pretrained(self.config.base_model_path))
 
-    with mock.patch.object(GR00TN17, "from_pretrained", classmethod(from_config)):
-        return GrootPolicy(config)
+    return ConfigOnlyGrootPolicy(config)
 
 
 def base_model_dir(size: Size, *, seed: int = 0) -> Path:
