@@ -5,6 +5,8 @@ The directory is what ``lerobot-train --policy.path=DIR`` and ``lerobot-eval`` e
 ``lerobot_policy_vlaprune`` plugin), ``model.safetensors``, and the source's processor pipelines
 (pruning does not change them). The manifest says what was done, with original indices, so a
 pruned checkpoint can be audited, reproduced and refused when its weights disagree with it.
+GR00T N1.5 is the exception: its checkpoint is the Isaac-GR00T layout (``config.json`` with the
+pruned depths, ``model.safetensors``; no LeRobot processors), plus the same manifest.
 """
 
 from __future__ import annotations

@@ -275,7 +275,8 @@ class Family:
             "expert_stacks": list(self.expert_stacks),
             "lockstep": [list(g) for g in self.lockstep],
             "roles": self.roles(policy),
-            "role_rules": [{"stack": r.stack, "period": r.period, "why": r.why} for r in self.role_rules],
+            "role_rules": [{"stack": r.stack, "period": r.period if r.role_of is None else None, "why": r.why}
+                           for r in self.role_rules],
             "protected": {stack: sorted(blocks) for stack, blocks in self.protected(policy).items()},
             "notes": list(self.notes),
         }
