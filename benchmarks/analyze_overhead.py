@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vlaprune.analyze import compute_stack_cka
+from vlaprune.analyze import compute_stack_cka, machine_description
 from vlaprune.calibration import CalibrationConfig, synthetic_batches
 from vlaprune.capture import CaptureConfig
 from vlaprune.cka import CKAConfig
@@ -119,8 +118,7 @@ def main() -> None:
         ).stdout.strip().splitlines()[-1]
         memory.append(json.loads(out))
 
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads")
+    machine = machine_description()
     print(f"\n{args.policy}: {params / 1e6:.0f}M parameters, built in {build_s:.1f} s; {machine}")
     print(f"{args.samples} synthetic calibration samples, batch {args.batch_size}, "
           f"expert at t={list(capture.timesteps)}, CKA {cka}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from tqdm import tqdm
 
 from vlaprune import metaworld as mw
 from vlaprune import shipped
-from vlaprune.analyze import run_analyze
+from vlaprune.analyze import machine_description, run_analyze
 from vlaprune.bench import run_bench
 from vlaprune.config import (
     AnalyzeConfig,
@@ -319,7 +318,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def write_results(out: Path, args: argparse.Namespace, records: dict[str, dict[str, Any]],
                   variants: list[tuple[str, float | None]]) -> None:
     rows = summarize(records, variants)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, device {args.device}"
+    machine = machine_description(args.device)
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "held_out": list(shipped.HELD_OUT),
               "machine": machine, "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1))

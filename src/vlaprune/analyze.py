@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -94,6 +95,16 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
     return out
+
+
+def machine_description(device: str | torch.device = "cpu") -> str:
+    """The machine a measurement ran on, for results and tables: architecture, CPU cores, torch version
+    and threads, and the GPU's name when ``device`` is a CUDA device."""
+    text = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+    if str(device).startswith("cuda"):
+        text += f", {torch.cuda.get_device_name(torch.device(device))}"
+    return text
 
 
 def compute_stack_cka(

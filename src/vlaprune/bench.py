@@ -422,10 +422,9 @@ def check_fits(
 
 def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The ``vlaprune bench`` entry point (``cfg`` is a :class:`vlaprune.config.BenchConfig`)."""
-    import platform
     from pathlib import Path
 
-    from .analyze import compute_stack_cka, library_versions
+    from .analyze import compute_stack_cka, library_versions, machine_description
     from .calibration import CalibrationConfig, calibration_batches
     from .checkpoint import read_manifest
     from .families import family_for
@@ -491,9 +490,7 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
         "shared_weights": not cfg.pruned.path,
         "train_batch_size": cfg.train_batch_size,
         "trainable_set": cfg.trainable,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads"
-                   + (f", {torch.cuda.get_device_name(0)}" if str(result["device"]).startswith("cuda") else ""),
+        "machine": machine_description(result["device"]),
         "versions": library_versions(),
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
     })

@@ -52,13 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    import platform
 
-    import torch
 
     from . import metaworld as mw
     from . import shipped
-    from .analyze import run_analyze
+    from .analyze import machine_description, run_analyze
     from .bench import run_bench
     from .config import AnalyzeConfig, BenchConfig, DatasetArgs, PolicyArgs, PruneConfig, PrunedArgs
     from .policies import load_policy
@@ -112,7 +110,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "finetune": {name: r.to_json() for name, r in runs.items()},
         "evaluation": evaluations,
         "stage_seconds": seconds, "total_seconds": time.perf_counter() - start,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.device}",
+        "machine": machine_description(args.device),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(report(results, prune_summary(pruned.manifest)))
