@@ -14,9 +14,9 @@ from vlaprune.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, 
 from vlaprune.families import family_for
 from vlaprune.families.base import action_chunk, flow_loss
 from vlaprune.prune import run_prune
-from vlaprune.surgery import remove_blocks, skip_blocks
+from vlaprune.surgery import remove_blocks, removed_blocks, skip_blocks
 from vlaprune.train import lerobot_train
-from vlaprune.verify import VerificationError, removed_blocks, verify_pruned
+from vlaprune.verify import VerificationError, verify_pruned
 
 from .flow import batch
 from .lerobot_data import make_dataset
@@ -132,6 +132,31 @@ def test_plans_that_break_groot_rules_are_refused(tmp_path):
     with pytest.raises(ValueError, match="deepstack"):
         run_prune(_cfg(tmp_path / "bad", keep={"llm": 2}))  # fewer than the three deepstack layers
     assert not (tmp_path / "bad").exists()
+
+
+def test_deepstack_layers_can_be_removed_knowingly(tmp_path, tiny):
+    kept = {"llm": [0, 2, 3, 4], "vl_self_attention": [0, 1, 2, 3], "dit": [0, 1, 2, 3]}
+    with pytest.raises(ValueError, match=r"deepstack.*--plan.allow='\[deepstack\]'"):
+        run_prune(_cfg(tmp_path / "no", kept=kept))
+    with pytest.raises(ValueError, match="protections: deepstack"):
+        run_prune(_cfg(tmp_path / "no", kept=kept, allow=["vision"]))
+    result = run_prune(_cfg(tmp_path / "p", kept=kept, allow=["deepstack"]))
+    assert result.manifest["verify"]["chunk_max_abs_diff"] < 1e-4
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["deepstack_moved"] is True
+    source = tiny(SPEC)
+    data = batch(source)
+    reloaded = _outputs(load_policy(str(tmp_path / "p")).policy, data)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded, _outputs(result.pruned, data), strict=True))
+    # the features moved with the kept layers: skipping the removed layer alone computes something else
+    with skip_blocks(source.policy, family_for(source.policy), removed_blocks(family_for(source.policy),
+                                                                              source.policy, kept)):
+        skipped = _outputs(source.policy, data)
+    assert not torch.allclose(skipped[1], reloaded[1], atol=1e-4)
+    # a budget may now take deepstack layers too; and with as many layers kept as there are features,
+    # the last one's feature is added after the layer the action head reads: not seen (verified)
+    assert run_prune(_cfg(tmp_path / "r", keep={"llm": 2}, allow=["deepstack"])).manifest["verify"][
+        "loss_max_abs_diff"] < 1e-4
+    assert run_prune(_cfg(tmp_path / "k", keep={"llm": 3})).manifest["stacks"]["llm"]["kept"] == [0, 1, 2]
 
 
 def test_a_text_image_swap_is_invisible_to_shapes_but_not_to_verification(tiny, monkeypatch):

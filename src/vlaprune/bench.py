@@ -430,8 +430,7 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
     from .families import family_for
     from .policies import is_builtin, load_policy
     from .prune import build_problem, choose_plan
-    from .surgery import remove_blocks
-    from .verify import removed_blocks
+    from .surgery import remove_blocks, removed_blocks
 
     cfg.validate()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
@@ -463,7 +462,7 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
     else:
         stacks = compute_stack_cka(full, batches(cfg.calibration.num_samples, cfg.calibration.seed),
                                    family=family, cka=cfg.cka.config(), capture=cfg.calibration.capture())
-        problem = build_problem(family, full, stacks, cfg.plan.protect)
+        problem = build_problem(family, full, stacks, cfg.plan.protect, cfg.plan.allow)
         # timing needs the requested method's plan as is: no refine
         plan, _ = choose_plan(replace(cfg.plan, refine=0), problem, lambda p: float("nan"))
         kept = {name: list(idx) for name, idx in plan.kept.items()}

@@ -98,6 +98,7 @@ class PlanArgs:
     kept: dict[str, list[int]] | None = None  # explicit plan: kept ORIGINAL indices per stack
     refine: int = 4  # measure the real damage of this many candidate plans, keep the least damaging (0 = off)
     protect: list[int] = field(default_factory=list)  # block indices never removed (in every stack)
+    allow: list[str] = field(default_factory=list)  # family protections lifted knowingly, e.g. '[deepstack]'
     run_threshold: float | None = None  # cka-run: similarity that makes blocks twins
     seed: int = 0
 

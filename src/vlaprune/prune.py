@@ -48,8 +48,10 @@ class PruneResult:
     pruned: Any  # the in-memory pruned policy that was saved
 
 
-def build_problem(family: Family, policy: Any, stacks: dict[str, StackAnalysis], protect: list[int]) -> PlanProblem:
-    """The planner's view of a policy: CKA / cosine matrices per stack plus the family's rules."""
+def build_problem(family: Family, policy: Any, stacks: dict[str, StackAnalysis], protect: list[int],
+                  allow: list[str] | None = None) -> PlanProblem:
+    """The planner's view of a policy: CKA / cosine matrices per stack plus the family's rules
+    (``allow`` lifts the family protections it names)."""
     depths = family.depths(policy)
     for name, depth in depths.items():
         if name not in stacks or stacks[name].num_layers != depth:
@@ -59,7 +61,7 @@ def build_problem(family: Family, policy: Any, stacks: dict[str, StackAnalysis],
         if bad:
             raise ValueError(f"--plan.protect {bad} out of range for stack {name!r} with {depth} blocks")
     roles = family.roles(policy)
-    by_family = family.protected(policy)
+    by_family = family.protected(policy, allow or [])
     user_why = [f"--plan.protect={protect}"] if protect else []
 
     def why(name: str) -> str:
@@ -143,7 +145,7 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
     else:
         stacks = compute_stack_cka(source, batches(calib), family=family, cka=cka, capture=capture,
                                    on_batch=on_batch)
-    problem = build_problem(family, source, stacks, cfg.plan.protect)
+    problem = build_problem(family, source, stacks, cfg.plan.protect, cfg.plan.allow)
     meter: list[PlanDamage] = []  # built on first use: the full source's chunks are computed once
 
     def damage(plan: Plan) -> float:
@@ -186,7 +188,7 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
                         "holdout_samples": cfg.holdout_samples, "analysis": cfg.analysis},
         "settings": {**settings_dict(cka, capture), "budget": {"ratio": cfg.plan.ratio, "keep": cfg.plan.keep,
                      "threshold": cfg.plan.threshold}, "refine": cfg.plan.refine, "protect": cfg.plan.protect,
-                     "tolerance": cfg.tolerance},
+                     "allow": cfg.plan.allow, "tolerance": cfg.tolerance},
         "versions": library_versions(),
     }
     save_pruned(pruned, bundle, manifest, out, overwrite=cfg.overwrite)

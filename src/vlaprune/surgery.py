@@ -169,6 +169,24 @@ def skip_blocks(policy: nn.Module, family: Family, removed: Mapping[str, Sequenc
         yield
 
 
+def removed_blocks(family: Family, policy: Any, kept: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Per stack, the original indices of ``policy``'s blocks that ``kept`` leaves out."""
+    depths = family.depths(policy)
+    return {name: [i for i in range(depths[name]) if i not in set(kept[name])] for name in depths}
+
+
+@contextmanager
+def pruned_reference(policy: nn.Module, family: Family, kept: Mapping[str, Sequence[int]]) -> Iterator[None]:
+    """Within the block, the source computes what a pruned policy keeping ``kept`` computes:
+    :func:`skip_blocks` for the removed blocks, plus the family's ``reference`` where pruning changes
+    more than skipping (GR00T N1.7 with deepstack layers removed)."""
+    with ExitStack() as stack:
+        stack.enter_context(skip_blocks(policy, family, removed_blocks(family, policy, kept)))
+        if family.reference is not None:
+            stack.enter_context(family.reference(policy, kept))
+        yield
+
+
 @contextmanager
 def _zero_output(module: nn.Module) -> Iterator[None]:
     def hook(_module: nn.Module, _args: Any, output: Any) -> Any:

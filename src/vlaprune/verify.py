@@ -1,8 +1,9 @@
 """Check a pruned policy against its source, and measure what a plan costs before any surgery.
 
-Both use :func:`vlaprune.surgery.skip_blocks`: the source run with the removed blocks made exact
-identities. ``verify_pruned`` demands that the pruned policy equals that reference (loss at fixed
-noise and time, action chunk at fixed noise) within float32 tolerance; ``PlanDamage`` measures how
+Both use :func:`vlaprune.surgery.pruned_reference`: the source run with the removed blocks made exact
+identities (plus the family's reference adjustments where its pruning changes more than that).
+``verify_pruned`` demands that the pruned policy equals that reference (loss at fixed noise and
+time, action chunk at fixed noise) within float32 tolerance; ``PlanDamage`` measures how
 far that reference's action chunks move from the full source's, the real damage of a plan without
 training, used to choose between candidate plans.
 """
@@ -18,18 +19,13 @@ import torch
 from torch import Tensor
 
 from .families.base import Family, action_chunk, flow_loss, noise_shape
-from .surgery import skip_blocks
+from .surgery import pruned_reference
 
 logger = logging.getLogger(__name__)
 
 
 class VerificationError(RuntimeError):
     """The pruned policy does not compute what the source computes with the removed blocks skipped."""
-
-
-def removed_blocks(family: Family, policy: Any, kept: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
-    depths = family.depths(policy)
-    return {name: [i for i in range(depths[name]) if i not in set(kept[name])] for name in depths}
 
 
 def _noise_and_time(family: Family, policy: Any, batch: dict[str, Any], seed: int) -> tuple[Tensor, Tensor]:
@@ -64,7 +60,7 @@ def verify_pruned(
 ) -> VerifyReport:
     """Pruned outputs must equal the source's with the removed blocks skipped (relative to output scale)."""
     noise, time = _noise_and_time(family, source, batch, seed)
-    with skip_blocks(source, family, removed_blocks(family, source, kept)):
+    with pruned_reference(source, family, kept):
         ref_loss = flow_loss(family, source, batch, noise, time)
         ref_chunk = action_chunk(family, source, batch, noise)
     loss = flow_loss(family, pruned, batch, noise, time)
@@ -104,9 +100,8 @@ class PlanDamage:
 
     @torch.no_grad()
     def __call__(self, kept: Mapping[str, Sequence[int]]) -> float:
-        removed = removed_blocks(self.family, self.source, kept)
         num = 0.0
-        with skip_blocks(self.source, self.family, removed):
+        with pruned_reference(self.source, self.family, kept):
             for batch, noise, full in zip(self.batches, self.noise, self.full, strict=True):
                 num += float((action_chunk(self.family, self.source, batch, noise) - full).square().sum())
         return (num / self.scale) ** 0.5

@@ -37,6 +37,9 @@ class GrootPrunedConfig(GrootConfig):
 
     kept_blocks: dict[str, list[int]] = field(default_factory=dict)
     source_depths: dict[str, int] = field(default_factory=dict)
+    # true when language layers that received deepstack visual features were removed on purpose
+    # (vlaprune's --plan.allow='[deepstack]'): the features then enter the kept layers at positions 0-2
+    deepstack_moved: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,7 +7,8 @@ self-attention's ``num_layers`` set to the kept counts (no base weights are read
 ``from_pretrained`` loads the checkpoint strictly (see ``_pruned``). Before building, the config's
 kept blocks are checked against the base model: source depths equal, every kept DiT block keeps its
 role (self-attention, cross-attention to text or to image tokens, decided by position and not
-caught by shapes), the language layers that receive deepstack visual features kept. Training,
+caught by shapes), the language layers that receive deepstack visual features kept (unless the
+config says they were removed on purpose, ``deepstack_moved``). Training,
 ``select_action`` and processors are the stock GR00T ones.
 """
 
@@ -50,7 +51,8 @@ def build_pruned_model(config: GrootPrunedConfig) -> Any:
     model_config.vl_self_attention_cfg = {**model_config.vl_self_attention_cfg,
                                           "num_layers": len(config.kept_blocks["vl_self_attention"])}
     model = build_model(config, model_config)
-    check_deepstack(model.backbone.model.config, config.kept_blocks["llm"])
+    if not config.deepstack_moved:
+        check_deepstack(model.backbone.model.config, config.kept_blocks["llm"])
     return model
 
 

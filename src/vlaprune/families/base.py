@@ -11,6 +11,7 @@ chosen flow-matching timesteps. Nothing here guesses layer indices from paramete
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -112,9 +113,12 @@ class Protection:
     """Blocks of a stack that a plan must keep, decided by the model (``blocks(policy)``), and why.
 
     GR00T N1.7 adds deepstack visual features into its first language layers by loop position:
-    removing one of them would move a feature into another layer.
+    removing one of them would move a feature into another layer. ``name`` is what a user passes to
+    ``--plan.allow`` to lift the protection knowingly (the family's ``reference`` then says what the
+    pruned model computes instead).
     """
 
+    name: str
     stack: str
     blocks: Callable[[Any], Sequence[int]]
     why: str
@@ -218,6 +222,10 @@ class Family:
     backbone: tuple[str, ...] = ()
     runner: FlowRunner | None = None
     surgeon: Surgeon | None = None
+    # ``reference(policy, kept)``: a context in which the source, with the removed blocks skipped,
+    # computes what the pruned policy computes where pruning changes more than skipping (GR00T N1.7
+    # with deepstack layers removed: the features enter the kept layers at their new positions)
+    reference: Callable[[Any, Mapping[str, Sequence[int]]], AbstractContextManager[None]] | None = None
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stacks]
@@ -257,10 +265,18 @@ class Family:
                 out[rule.stack] = roles
         return out
 
-    def protected(self, policy: nn.Module) -> dict[str, dict[int, str]]:
-        """Per stack, the blocks the family's rules keep, each with the reason."""
+    def protected(self, policy: nn.Module, allow: Sequence[str] = ()) -> dict[str, dict[int, str]]:
+        """Per stack, the blocks the family's rules keep, each with the reason; ``allow`` names
+        protections lifted by the user (unknown names raise, listing the family's)."""
+        unknown = sorted(set(allow) - {rule.name for rule in self.protections})
+        if unknown:
+            names = [rule.name for rule in self.protections] or ["none"]
+            raise ValueError(f"--plan.allow={list(allow)}: {unknown} name no protection of {self.name}; its "
+                             f"protections: {', '.join(names)}")
         out: dict[str, dict[int, str]] = {}
         for rule in self.protections:
+            if rule.name in allow:
+                continue
             for index in rule.blocks(policy):
                 out.setdefault(rule.stack, {})[int(index)] = rule.why
         return out

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -70,7 +71,9 @@ def check_deepstack(qwen_config: Any, kept_llm: Sequence[int]) -> None:
     if list(kept_llm[: len(needed)]) != needed:
         raise ValueError(
             f"deepstack rule: language layers {needed} receive the deepstack visual features by position and "
-            f"must be kept; kept language layers {list(kept_llm)}"
+            f"must be kept; kept language layers {list(kept_llm)}. To remove them knowingly (the features then "
+            "enter the kept layers at those positions): vlaprune prune --plan.allow='[deepstack]', which writes "
+            "deepstack_moved: true into the groot_pruned config"
         )
 
 
@@ -187,10 +190,13 @@ class GrootSurgeon:
         else:
             original = {name: list(kept[name]) for name in depths}
             source_depths = depths
-        skip = {"kept_blocks", "source_depths"}
+        skip = {"kept_blocks", "source_depths", "deepstack_moved"}
         fields = dataclasses.fields(source)
         values = {f.name: copy.deepcopy(getattr(source, f.name)) for f in fields if f.init and f.name not in skip}
-        config = GrootPrunedConfig(**values, kept_blocks=original, source_depths=source_depths)
+        deepstack = deepstack_layers(policy._groot_model.backbone.model.config)
+        moved = original["llm"][: len(deepstack)] != deepstack  # only a plan allowed to do so gets here
+        config = GrootPrunedConfig(**values, kept_blocks=original, source_depths=source_depths,
+                                   deepstack_moved=moved)
         for f in fields:  # fields not set by __init__, if any
             if not f.init and f.name not in skip:
                 setattr(config, f.name, copy.deepcopy(getattr(source, f.name)))
@@ -204,6 +210,46 @@ class GrootSurgeon:
 
 def _deepstack_protected(policy: Any) -> list[int]:
     return deepstack_layers(policy._groot_model.backbone.model.config)
+
+
+@contextmanager
+def deepstack_reference(policy: Any, kept: Mapping[str, Sequence[int]]) -> Iterator[None]:
+    """Within the block, the source adds deepstack visual features where a pruned model keeping ``kept``
+    adds them: feature k after ORIGINAL language layer ``kept["llm"][k]`` (the layer at loop position
+    k of the pruned model), and not at all after the last kept layer, whose output the action head
+    reads before the addition. A no-op when the deepstack layers are kept in place and followed by
+    another kept layer (the source's own behaviour); otherwise: deepstack layers removed on purpose
+    (``--plan.allow='[deepstack]'``), or no more language layers kept than there are features.
+    """
+    language_model = policy._groot_model.backbone.language_model
+    count = len(deepstack_layers(policy._groot_model.backbone.model.config))
+    kept_llm = list(kept["llm"])
+    if kept_llm[:count] == list(range(count)) and len(kept_llm) > count:
+        yield
+        return
+    visible = [(k, layer) for k, layer in enumerate(kept_llm[:count]) if k < len(kept_llm) - 1]
+    captured: dict[str, Any] = {}
+
+    def take_features(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        captured["embeds"], captured["masks"] = kwargs.get("deepstack_visual_embeds"), kwargs.get("visual_pos_masks")
+        return args, {**kwargs, "deepstack_visual_embeds": None}  # the stock loop adds nothing now
+
+    def add_after(k: int) -> Any:
+        def hook(_module: Any, _args: Any, output: Tensor) -> Tensor | None:
+            embeds = captured.get("embeds")
+            if embeds is None or k >= len(embeds):
+                return None
+            return language_model._deepstack_process(output, captured["masks"], embeds[k])
+
+        return hook
+
+    handles = [language_model.register_forward_pre_hook(take_features, with_kwargs=True)]
+    handles += [language_model.layers[layer].register_forward_hook(add_after(k)) for k, layer in visible]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 GROOT = register_family(
@@ -232,8 +278,10 @@ GROOT = register_family(
             ),
         ),
         protections=(
-            Protection(stack="llm", blocks=_deepstack_protected,
-                       why="deepstack visual features are added after these language layers by position"),
+            Protection(name="deepstack", stack="llm", blocks=_deepstack_protected,
+                       why="deepstack visual features are added after these language layers by position; "
+                           "--plan.allow='[deepstack]' removes them anyway, the features then enter the kept "
+                           "layers at those positions"),
         ),
         notes=(
             "depths live in the base model's config (select_layer, diffusion_model_cfg.num_layers, "
@@ -244,5 +292,6 @@ GROOT = register_family(
         backbone=(f"{_MODEL}.backbone",),
         runner=GrootRunner(),
         surgeon=GrootSurgeon(),
+        reference=deepstack_reference,
     )
 )
