@@ -216,20 +216,9 @@ def _resolve(root: nn.Module, dotted: str) -> Any:
     return obj
 
 
-class PrunedPolicyMixin:
-    """What makes ``PI0PrunedPolicy`` / ``PI05PrunedPolicy`` pruned; mixed in before the stock policy class.
-
-    Construction builds the stock structure under the recorded architecture, then cuts both stacks to
-    the kept layers; ``from_pretrained`` loads strictly. Training, ``select_action`` and processors
-    stay the stock ones.
-    """
-
-    variant: str  # "pi0" or "pi05": which architecture patch a tiny built-in needs
-
-    def __init__(self, config: Any, **kwargs: Any) -> None:
-        with architecture(config, self.variant):
-            super().__init__(config, **kwargs)  # type: ignore[call-arg]
-        cut_stacks(self, config)  # type: ignore[arg-type]
+class StrictLoadMixin:
+    """``from_pretrained`` through :func:`load_pretrained_strict`; mixed in before a stock policy class
+    (every pruned type: pi0, pi0.5, GR00T N1.7)."""
 
     @classmethod
     def from_pretrained(
@@ -254,3 +243,19 @@ class PrunedPolicyMixin:
             resume_download=resume_download, proxies=proxies, token=token, cache_dir=cache_dir,
             local_files_only=local_files_only, revision=revision, strict=strict, **kwargs,
         )
+
+
+class PrunedPolicyMixin(StrictLoadMixin):
+    """What makes ``PI0PrunedPolicy`` / ``PI05PrunedPolicy`` pruned; mixed in before the stock policy class.
+
+    Construction builds the stock structure under the recorded architecture, then cuts both stacks to
+    the kept layers; ``from_pretrained`` loads strictly. Training, ``select_action`` and processors
+    stay the stock ones.
+    """
+
+    variant: str  # "pi0" or "pi05": which architecture patch a tiny built-in needs
+
+    def __init__(self, config: Any, **kwargs: Any) -> None:
+        with architecture(config, self.variant):
+            super().__init__(config, **kwargs)  # type: ignore[call-arg]
+        cut_stacks(self, config)  # type: ignore[arg-type]

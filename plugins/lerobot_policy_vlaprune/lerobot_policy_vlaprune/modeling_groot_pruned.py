@@ -14,13 +14,12 @@ config says they were removed on purpose, ``deepstack_moved``). Training,
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from lerobot.policies.groot.modeling_groot import GrootPolicy
 
-from ._pruned import PrunedCheckpointError, load_pretrained_strict
+from ._pruned import PrunedCheckpointError, StrictLoadMixin
 from .configuration_groot_pruned import GROOT_STACKS, GrootPrunedConfig
 
 
@@ -85,7 +84,7 @@ def build_model(config: Any, model_config: Any) -> Any:
     return model
 
 
-class GrootPrunedPolicy(GrootPolicy):
+class GrootPrunedPolicy(StrictLoadMixin, GrootPolicy):
     """A depth-pruned GR00T N1.7: ``config.kept_blocks`` (original indices) held as blocks 0..K-1."""
 
     config_class = GrootPrunedConfig
@@ -93,26 +92,3 @@ class GrootPrunedPolicy(GrootPolicy):
 
     def _create_groot_model(self) -> Any:
         return build_pruned_model(self.config)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_name_or_path: str | Path,
-        *,
-        config: Any | None = None,
-        force_download: bool = False,
-        resume_download: bool | None = None,
-        proxies: dict[str, Any] | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | Path | None = None,
-        local_files_only: bool = False,
-        revision: str | None = None,
-        strict: bool = True,
-        **kwargs: Any,
-    ) -> Any:
-        """Load a pruned checkpoint; any missing, unexpected or reshaped tensor raises."""
-        return load_pretrained_strict(
-            cls, pretrained_name_or_path, config=config, force_download=force_download,
-            resume_download=resume_download, proxies=proxies, token=token, cache_dir=cache_dir,
-            local_files_only=local_files_only, revision=revision, strict=strict, **kwargs,
-        )
