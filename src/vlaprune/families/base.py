@@ -343,6 +343,13 @@ def family_for(policy_or_type: Any) -> Family:
         ) from None
 
 
+def check_positions(what: str, positions: Sequence[int], depth: int) -> None:
+    """Surgeons' check of a kept list given in positions of the policy being pruned."""
+    if not positions or list(positions) != sorted(set(positions)) or not 0 <= positions[0] <= positions[-1] < depth:
+        raise ValueError(f"{what} {list(positions)} must be non-empty, sorted, unique indices in range({depth}) of "
+                         "this policy")
+
+
 def _runner(family: Family) -> FlowRunner:
     if family.runner is None:
         raise ValueError(f"family {family.name!r} has no forward runner")

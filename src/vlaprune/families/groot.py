@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Family, PrefixPass, Protection, RoleRule, StackSpec, register_family
+from .base import Family, PrefixPass, Protection, RoleRule, StackSpec, check_positions, register_family
 
 _MODEL = "_groot_model"
 _LLM = f"{_MODEL}.backbone.model.model.language_model"
@@ -173,16 +173,9 @@ class GrootSurgeon:
     def pruned_config(self, policy: Any, kept: Mapping[str, Sequence[int]]) -> Any:
         from lerobot_policy_vlaprune import GrootPrunedConfig
 
-        family = GROOT
-        depths = family.depths(policy)
-        missing = set(depths) - set(kept)
-        if missing:
-            raise ValueError(f"GR00T surgery needs kept blocks for every stack; missing {sorted(missing)}")
+        depths = GROOT.depths(policy)  # remove_blocks checked that every stack is named
         for name, positions in kept.items():
-            if not positions or list(positions) != sorted(set(positions)) or not 0 <= positions[0] <= positions[-1] \
-                    < depths[name]:
-                raise ValueError(f"kept {name} blocks {list(positions)} must be non-empty, sorted, unique indices "
-                                 f"in range({depths[name]}) of this policy")
+            check_positions(f"kept {name} blocks", positions, depths[name])
         source = policy.config
         if isinstance(source, GrootPrunedConfig):
             original = {name: [source.kept_blocks[name][i] for i in kept[name]] for name in depths}

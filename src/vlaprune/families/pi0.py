@@ -14,7 +14,16 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import Family, ModelForwardRunner, PrefixPass, StackSpec, Surgeon, family_for, register_family
+from .base import (
+    Family,
+    ModelForwardRunner,
+    PrefixPass,
+    StackSpec,
+    Surgeon,
+    check_positions,
+    family_for,
+    register_family,
+)
 
 _VLM = "model.paligemma_with_expert.paligemma.model.language_model"
 _EXPERT = "model.paligemma_with_expert.gemma_expert.model"
@@ -123,10 +132,7 @@ class PiSurgeon:
         if depths["vlm"] != depths["expert"]:
             raise ValueError(f"pi0 stacks of unequal depth {depths}: the training forward zips them strictly")
         depth = depths["vlm"]
-        if not positions or positions != sorted(set(positions)) or not 0 <= positions[0] <= positions[-1] < depth:
-            raise ValueError(
-                f"kept layers {positions} must be non-empty, sorted, unique indices in range({depth}) of this policy"
-            )
+        check_positions("kept layers", positions, depth)
         source = policy.config
         if isinstance(source, PI0PrunedConfig | PI05PrunedConfig):
             # positions index the pruned policy's layers; map them to the original model
