@@ -14,7 +14,6 @@ runtime shims, all applied here and only to the alias package:
   imports (LeRobot 0.6.1's own ``lerobot.policies.groot`` modules are restored afterwards);
 * transformers 5.5 already makes every config class a dataclass; the wheel's second ``@dataclass``
   on ``GR00TN15Config`` is skipped;
-* ``dm-tree`` (not a dependency of LeRobot 0.6.1) is replaced by a ``map_structure`` for dicts;
 * the vendored Eagle code asks for flash-attention 2; without ``flash_attn`` installed, SDPA is used;
 * the action head builds its ``Beta`` distribution on the CPU (transformers builds models on the meta
   device); ``GR00TN15.__init__`` is followed by ``post_init``'s bookkeeping (tied weights) without
@@ -37,7 +36,6 @@ import os
 import sys
 import types
 import zipfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,18 +109,6 @@ def _package(name: str, path: Path) -> None:
     sys.modules[name] = module
 
 
-class _Tree:
-    """dm-tree's ``map_structure``, for the nested dicts / lists of tensors ``groot_n1.py`` maps over."""
-
-    @staticmethod
-    def map_structure(fn: Any, value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return type(value)({k: _Tree.map_structure(fn, v) for k, v in value.items()})  # type: ignore[call-arg]
-        if isinstance(value, list | tuple):
-            return type(value)(_Tree.map_structure(fn, v) for v in value)
-        return fn(value)
-
-
 def _sdpa_without_flash_attn() -> None:
     from transformers import modeling_utils
     from transformers.utils import is_flash_attn_2_available
@@ -183,8 +169,6 @@ def load() -> types.ModuleType:
             policies.groot = saved[_SOURCE]  # type: ignore[attr-defined]
         elif getattr(policies, "groot", None) is sys.modules.get(ALIAS):
             delattr(policies, "groot")
-    if module.tree is None:
-        module.tree = _Tree()  # type: ignore[attr-defined]
     head: Any = sys.modules[f"{ALIAS}.action_head.flow_matching_action_head"]
     beta = head.Beta
 

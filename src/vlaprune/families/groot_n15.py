@@ -20,6 +20,7 @@ import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .base import Family, RoleRule, StackSpec, register_family
@@ -51,8 +52,6 @@ class GrootN15Runner(GrootRunner):
         return model_inputs(batch, with_action=with_action)
 
     def dit_tokens(self, head: Any, state: Tensor, actions: Tensor) -> Tensor:
-        import torch
-
         future = head.future_tokens.weight.unsqueeze(0).expand(state.shape[0], -1, -1)
         return torch.cat((state, future, actions), dim=1)
 
