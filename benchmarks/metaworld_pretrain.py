@@ -7,7 +7,7 @@
 4. closed-loop success on the pretraining tasks (evaluation seeds, not the demonstrations');
 5. with ``--ship``: the trained checkpoint and demonstrations of the held-out tasks (the calibration
    and fine-tuning set) replace the ones shipped in ``src/vlaprune/assets/metaworld``
-   (``metaworld:smolvla``, see :mod:`vlaprune.shipped`).
+   (``metaworld:smolvla``, see :mod:`vlaprune.models.shipped`).
 
     python benchmarks/metaworld_pretrain.py --out outputs/mw_pretrain [--episodes 20] [--steps 3000] [--ship]
 
@@ -31,10 +31,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vlaprune import metaworld as mw
-from vlaprune import shipped
-from vlaprune.builtin import smolvla
-from vlaprune.policies import load_policy
+from vlaprune.models import shipped
+from vlaprune.models.builtin import smolvla
+from vlaprune.models.loading import load_policy
+from vlaprune.studies import metaworld as mw
 
 HELD_OUT = shipped.HELD_OUT
 CALIBRATION_EPISODES = 10  # per held-out task (the shipped assets stay under 30 MB)

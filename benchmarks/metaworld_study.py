@@ -39,11 +39,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from tqdm import tqdm
 
-from vlaprune import metaworld as mw
-from vlaprune import shipped
-from vlaprune.analyze import machine_description, run_analyze
-from vlaprune.bench import run_bench
-from vlaprune.config import (
+from vlaprune.io.provenance import machine_description
+from vlaprune.models import shipped
+from vlaprune.models.loading import TRAINED_SPECS, load_policy
+from vlaprune.pipelines.analyze import run_analyze
+from vlaprune.pipelines.bench import run_bench
+from vlaprune.pipelines.config import (
     AnalyzeConfig,
     BenchConfig,
     DatasetArgs,
@@ -52,9 +53,9 @@ from vlaprune.config import (
     PruneConfig,
     PrunedArgs,
 )
-from vlaprune.policies import TRAINED_SPECS, load_policy
-from vlaprune.prune import run_prune
-from vlaprune.train import lerobot_train
+from vlaprune.pipelines.prune import run_prune
+from vlaprune.studies import metaworld as mw
+from vlaprune.studies.train import lerobot_train
 
 METHODS = ("cka-dp", "cka-run", "first-k", "random")
 FULL = "full"

@@ -25,10 +25,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vlaprune import load_policy
-from vlaprune.bench import _block_intervals, _timed, _union_length, train_step
-from vlaprune.calibration import CalibrationConfig, synthetic_batches
+from vlaprune.core.surgery import remove_blocks
+from vlaprune.core.timing import block_intervals, timed, train_step, union_length
 from vlaprune.families import family_for
-from vlaprune.surgery import remove_blocks
+from vlaprune.io.calibration import CalibrationConfig, synthetic_batches
 
 KEPT = [0, 1, 2, 3, 4, 5, 6, 11]
 DEPTH = 16
@@ -61,15 +61,15 @@ def main() -> None:
     for _ in range(3):
         for name, policy in policies.items():
             rec = samples[name]
-            rec.setdefault("forward_backward_s", []).append(_timed(lambda p=policy: forward_backward(p), device))
+            rec.setdefault("forward_backward_s", []).append(timed(lambda p=policy: forward_backward(p), device))
             optimizer = optimizers[name]
-            rec.setdefault("optimizer_s", []).append(_timed(lambda o=optimizer: (o.step(), o.zero_grad()), device))
-            with _block_intervals(policy, family, device) as log:
-                total = _timed(lambda p=policy: forward_backward(p), device)
+            rec.setdefault("optimizer_s", []).append(timed(lambda o=optimizer: (o.step(), o.zero_grad()), device))
+            with block_intervals(policy, family, device) as log:
+                total = timed(lambda p=policy: forward_backward(p), device)
             optimizer.zero_grad(set_to_none=True)
 
             def inside(indices: list[int], log: dict[str, list[list[float]]] = log) -> float:
-                return _union_length([iv for stack in ("vlm", "expert") for i in indices
+                return union_length([iv for stack in ("vlm", "expert") for i in indices
                                       for iv in log.get(f"{stack}:{i}", [])])
 
             every = inside(list(range(len(family.layers(policy, "vlm")))))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vlaprune.builtin.common import ACTION_KEY, CAMERA_KEY, STATE_KEY
-from vlaprune.calibration import CalibrationConfig, synthetic_batches
+from vlaprune.io.calibration import CalibrationConfig, synthetic_batches
+from vlaprune.models.builtin.common import ACTION_KEY, CAMERA_KEY, STATE_KEY
 
 TASKS = ["pick up the cube", "open the drawer"]
 

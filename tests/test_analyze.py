@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from vlaprune.analyze import run_analyze
 from vlaprune.cli import main
-from vlaprune.config import AnalyzeConfig, CalibrationArgs, CKAArgs, DatasetArgs, PolicyArgs
+from vlaprune.pipelines.analyze import run_analyze
+from vlaprune.pipelines.config import AnalyzeConfig, CalibrationArgs, CKAArgs, DatasetArgs, PolicyArgs
 
 from .conftest import TINY_SPECS
 from .lerobot_data import make_dataset
@@ -65,13 +65,13 @@ def test_existing_out_refused_unless_overwrite(tmp_path):
 
 
 def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
-    import vlaprune.report as report
+    import vlaprune.pipelines.analyze as analyze_module
 
     def broken(analysis, directory):
         (directory / "analysis.json").write_text("{")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(report, "write_analysis", broken)
+    monkeypatch.setattr(analyze_module, "write_analysis", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         run_analyze(_cfg(tmp_path / "x"))
     assert list(tmp_path.iterdir()) == []

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vlaprune.analyze import run_analyze
-from vlaprune.config import AnalyzeConfig, CalibrationArgs, DatasetArgs, PolicyArgs
+from vlaprune.pipelines.analyze import run_analyze
+from vlaprune.pipelines.config import AnalyzeConfig, CalibrationArgs, DatasetArgs, PolicyArgs
 
 ARGS = ["--policy.path=tiny:smolvla", "--dataset.repo_id=synthetic",
         "--calibration.num_samples=8", "--calibration.batch_size=2"]

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 
 from vlaprune import load_policy
-from vlaprune.bench import _union_length, removed_time_share
-from vlaprune.config import BenchConfig, DatasetArgs, PolicyArgs, PrunedArgs
+from vlaprune.core.timing import removed_time_share, union_length
 from vlaprune.families import family_for
-from vlaprune.prune import run_prune
+from vlaprune.pipelines.config import BenchConfig, DatasetArgs, PolicyArgs, PrunedArgs
+from vlaprune.pipelines.prune import run_prune
 
 from .flow import batch
 from .test_prune import _cfg
 
 
 def test_union_length_merges_overlaps():
-    assert _union_length([[0, 1], [0.5, 2], [3, 4], [3.2, 3.5]]) == pytest.approx(3.0)
-    assert _union_length([]) == 0.0
+    assert union_length([[0, 1], [0.5, 2], [3, 4], [3.2, 3.5]]) == pytest.approx(3.0)
+    assert union_length([]) == 0.0
 
 
 def test_removed_time_share_bounds(tiny):
@@ -38,7 +38,8 @@ def test_removed_time_share_bounds(tiny):
 
 
 def test_bench_in_memory_plan(tmp_path):
-    from vlaprune.bench import bench_table, run_bench
+    from vlaprune.io.report import bench_table
+    from vlaprune.pipelines.bench import run_bench
 
     result = run_bench(BenchConfig(policy=PolicyArgs(path="tiny:smolvla"), ratio=0.5, rounds=1))
     for key in ("train_step_ratio", "inference_ratio", "ideal_train_ratio", "ideal_inference_ratio",
@@ -51,7 +52,7 @@ def test_bench_in_memory_plan(tmp_path):
 
 
 def test_bench_against_a_pruned_checkpoint(tmp_path):
-    from vlaprune.bench import run_bench
+    from vlaprune.pipelines.bench import run_bench
 
     run_prune(_cfg(tmp_path / "p", "tiny:pi0"))
     result = run_bench(BenchConfig(policy=PolicyArgs(path="tiny:pi0"), pruned=PrunedArgs(path=str(tmp_path / "p")),
@@ -74,7 +75,7 @@ def test_bench_input_errors():
 
 
 def test_bench_everything_trainable():
-    from vlaprune.bench import run_bench
+    from vlaprune.pipelines.bench import run_bench
 
     result = run_bench(BenchConfig(policy=PolicyArgs(path="tiny:smolvla"), ratio=0.25, rounds=1, warmup=0,
                                    trainable="all"))
@@ -90,7 +91,7 @@ def test_bench_everything_trainable():
 def test_out_of_memory_names_the_batch_size_that_fits(monkeypatch):
     import torch
 
-    import vlaprune.bench as bench
+    import vlaprune.pipelines.bench as bench
 
     real_step = bench.train_step
 
@@ -108,7 +109,7 @@ def test_out_of_memory_names_the_batch_size_that_fits(monkeypatch):
 
 
 def test_bench_with_three_cameras():
-    from vlaprune.bench import run_bench
+    from vlaprune.pipelines.bench import run_bench
 
     one = run_bench(BenchConfig(policy=PolicyArgs(path="tiny:pi0"), ratio=0.5, rounds=1, warmup=0,
                                 train_batch_size=0))
@@ -123,7 +124,7 @@ def test_bench_with_three_cameras():
 
 
 def test_bench_expert_only_training_and_frame_size():
-    from vlaprune.bench import run_bench
+    from vlaprune.pipelines.bench import run_bench
 
     result = run_bench(BenchConfig(policy=PolicyArgs(path="tiny:pi0"), ratio=0.5, rounds=1, warmup=0,
                                    trainable="expert", image_size=40))
@@ -144,8 +145,8 @@ def test_bench_expert_only_training_and_frame_size():
 
 
 def test_set_trainable_expert_freezes_the_backbone_only():
-    from vlaprune.bench import set_trainable
-    from vlaprune.families.base import resolve
+    from vlaprune.core.family import resolve
+    from vlaprune.pipelines.bench import set_trainable
 
     bundle = load_policy("tiny:pi0")
     policy, family = bundle.policy, family_for(bundle.policy)

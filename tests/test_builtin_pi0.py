@@ -7,8 +7,8 @@ import importlib
 import pytest
 import torch
 
-from vlaprune.builtin import pi0
-from vlaprune.builtin.common import PolicyBundle
+from vlaprune.models.builtin import pi0
+from vlaprune.models.builtin.common import PolicyBundle
 
 from .flow import raw_batch
 

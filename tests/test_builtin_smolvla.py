@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlaprune.builtin import smolvla
-from vlaprune.builtin.common import CAMERA_KEY, STATE_KEY, PolicyBundle
+from vlaprune.models.builtin import smolvla
+from vlaprune.models.builtin.common import CAMERA_KEY, STATE_KEY, PolicyBundle
 
 from .flow import TASKS, raw_batch
 

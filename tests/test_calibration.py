@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlaprune.calibration import (
+from vlaprune.io.calibration import (
     CalibrationConfig,
     calibration_batches,
     spread_frame_indices,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlaprune.capture import CaptureConfig, CaptureError, collect_residuals
+from vlaprune.core.capture import CaptureConfig, CaptureError, collect_residuals
+from vlaprune.core.family import resolve
 from vlaprune.families import family_for
-from vlaprune.families.base import resolve
 
 from .conftest import TINY_SPECS
 from .flow import batch as _batch

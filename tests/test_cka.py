@@ -1,4 +1,4 @@
-"""Property and equivalence tests for vlaprune.cka (CPU, seeded, float64 where it matters)."""
+"""Property and equivalence tests for vlaprune.core.cka (CPU, seeded, float64 where it matters)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from vlaprune.cka import (
+from vlaprune.core.cka import (
     PRESETS,
     CKAConfig,
     StreamingCKA,
@@ -358,7 +358,7 @@ def test_constant_state_gives_nan_and_warns(caplog: pytest.LogCaptureFixture) ->
     states[1] = torch.full_like(states[1], 0.7)
     acc = StreamingCKA(3, _minibatch(max_tokens=None))
     acc.update(states, mask)
-    with caplog.at_level(logging.WARNING, logger="vlaprune.cka"):
+    with caplog.at_level(logging.WARNING, logger="vlaprune.core.cka"):
         cka = acc.compute()
     assert "states [1]" in caplog.text
     assert cka[1].isnan().all() and cka[:, 1].isnan().all()
@@ -464,7 +464,7 @@ def test_memory_is_flat() -> None:
 
 
 def test_streaming_cosine_matches_tokenwise_mean() -> None:
-    from vlaprune.cka import StreamingCosine
+    from vlaprune.core.cka import StreamingCosine
 
     gen = torch.Generator().manual_seed(3)
     states = [torch.randn(2, 5, 4, generator=gen) for _ in range(3)]

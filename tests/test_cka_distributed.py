@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vlaprune.cka import CKAConfig, StreamingCKA
+from vlaprune.core.cka import CKAConfig, StreamingCKA
 
 WORLD_SIZE = 2
 TIMEOUT_S = 120

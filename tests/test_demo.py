@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from vlaprune import demo, shipped
+from vlaprune.models import shipped
+from vlaprune.studies import demo
 
 
 def test_demo_runs_the_whole_job_on_the_shipped_model(tmp_path, capsys):

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from vlaprune.core.family import Family, RoleRule, StackSpec, register_family, resolve
 from vlaprune.families import family_for, supported_types
-from vlaprune.families.base import Family, RoleRule, StackSpec, register_family, resolve
 
 from .conftest import TINY_SPECS
 

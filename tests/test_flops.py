@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from vlaprune.core.flops import chunk_flops_by_part, parameter_counts
 from vlaprune.families import family_for
-from vlaprune.flops import chunk_flops_by_part, parameter_counts
 
 from .flow import batch
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from vlaprune import load_policy
-from vlaprune.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
+from vlaprune.core.family import action_chunk, flow_loss
+from vlaprune.core.surgery import remove_blocks, removed_blocks, skip_blocks
+from vlaprune.core.verify import VerificationError, verify_pruned
 from vlaprune.families import family_for
-from vlaprune.families.base import action_chunk, flow_loss
-from vlaprune.prune import run_prune
-from vlaprune.surgery import remove_blocks, removed_blocks, skip_blocks
-from vlaprune.train import lerobot_train
-from vlaprune.verify import VerificationError, verify_pruned
+from vlaprune.pipelines.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
+from vlaprune.pipelines.prune import run_prune
+from vlaprune.studies.train import lerobot_train
 
 from .flow import batch
 from .lerobot_data import make_dataset

@@ -1,5 +1,5 @@
 """GR00T N1.5 (Isaac-GR00T layout), tested against the real N1.5 model code: LeRobot 0.5.1's port of
-Isaac-GR00T's ``GR00T_N1_5`` (``vlaprune.isaac_n15``), at N1.5's depths (12 / 4 / 16) and tiny widths."""
+Isaac-GR00T's ``GR00T_N1_5`` (``vlaprune.families.isaac_n15``), at N1.5's depths (12 / 4 / 16) and tiny widths."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from vlaprune import load_policy
-from vlaprune.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
+from vlaprune.core.family import action_chunk, flow_loss
+from vlaprune.core.surgery import skip_blocks
 from vlaprune.families import family_for
-from vlaprune.families.base import action_chunk, flow_loss
 from vlaprune.families.groot_n15 import PAPER_PLAN
-from vlaprune.prune import run_prune
-from vlaprune.surgery import skip_blocks
+from vlaprune.pipelines.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
+from vlaprune.pipelines.prune import run_prune
 
 SPEC = "tiny:groot_n15"
 DEPTHS = {"llm": 12, "vl_self_attention": 4, "dit": 16}
@@ -28,7 +28,7 @@ def _cfg(out, **plan):
 
 
 def _batch(bundle, n=3, seed=0):
-    from vlaprune.calibration import CalibrationConfig
+    from vlaprune.io.calibration import CalibrationConfig
 
     assert bundle.synthetic is not None
     return next(bundle.synthetic(CalibrationConfig(num_samples=n, batch_size=n, seed=seed)))
@@ -80,7 +80,7 @@ def test_runner_reproduces_gr00tn15_loss_and_action_sampling(tiny):
 
 
 def test_the_papers_plan_gives_an_isaac_checkpoint_the_n15_loader_reads(tmp_path, tiny):
-    from vlaprune import isaac_n15
+    from vlaprune.families import isaac_n15
 
     result = run_prune(_cfg(tmp_path / "p", kept=PAPER_PLAN))
     out = tmp_path / "p"
@@ -99,7 +99,7 @@ def test_the_papers_plan_gives_an_isaac_checkpoint_the_n15_loader_reads(tmp_path
     assert len(model.backbone.eagle_model.language_model.model.layers) == 5
     assert len(model.action_head.model.transformer_blocks) == 8
     assert len(model.action_head.vl_self_attention.transformer_blocks) == 3
-    from vlaprune.policies import weight_mismatch
+    from vlaprune.models.loading import weight_mismatch
 
     assert weight_mismatch(model, out / "model.safetensors") is None
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlaprune import metaworld as mw
-from vlaprune.train import lerobot_train
+from vlaprune.studies import metaworld as mw
+from vlaprune.studies.train import lerobot_train
 
 
 def _small(**kw):
@@ -58,8 +58,8 @@ def test_bad_input_errors(tmp_path):
 def test_small_smolvla_for_the_demonstrations_trains_with_lerobot_train(tmp_path):
     """The start of the quality study: an untrained small SmolVLA (12 + 12 layers) built for the
     MetaWorld dataset's features and statistics, saved, and trained by stock ``lerobot-train``."""
-    from vlaprune.builtin import smolvla
     from vlaprune.families import family_for
+    from vlaprune.models.builtin import smolvla
 
     root = tmp_path / "demos"
     mw.generate_demos(_small(episodes_per_task=1, image_size=64), root, progress=False)
@@ -99,7 +99,7 @@ def test_rollout_counts_the_experts_successes():
 
 
 def test_evaluate_runs_a_policy_as_lerobot_eval_does(tmp_path):
-    from vlaprune.builtin import smolvla
+    from vlaprune.models.builtin import smolvla
 
     root = tmp_path / "demos"
     mw.generate_demos(_small(episodes_per_task=1, image_size=32), root, progress=False)

@@ -21,10 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlaprune.calibration import CalibrationConfig, synthetic_batches
+from vlaprune.core.family import resolve
 from vlaprune.families import family_for
-from vlaprune.families.base import resolve
 from vlaprune.families.pi0 import PiSurgeon
+from vlaprune.io.calibration import CalibrationConfig, synthetic_batches
 
 VARIANTS = ("pi0", "pi05")
 KEPT = [0, 2, 3, 5, 7]  # original indices, of 8 tiny layers
@@ -63,7 +63,7 @@ def _prune(policy: Any, kept: list[int]) -> Any:
 @pytest.fixture(scope="module")
 def case() -> Callable[[str], tuple[Any, Any, dict[str, Any]]]:
     """``case(variant)``: (source bundle, pruned policy, preprocessed batch), built once per module."""
-    from vlaprune.builtin.pi0 import build
+    from vlaprune.models.builtin.pi0 import build
 
     built: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
 
@@ -255,7 +255,7 @@ def test_config_json_is_validated(case, tmp_path):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_pruning_a_pruned_policy_maps_to_original_indices(case, variant):
-    from vlaprune.builtin.pi0 import builtin_architecture
+    from vlaprune.models.builtin.pi0 import builtin_architecture
 
     source, pruned, _ = case(variant)
     config_before = copy.deepcopy(pruned.config)

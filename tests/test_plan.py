@@ -1,4 +1,4 @@
-"""Exhaustive and property tests for vlaprune.plan: every optimiser against brute force on small stacks."""
+"""Exhaustive and property tests for vlaprune.core.plan: every optimiser against brute force on small stacks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vlaprune.plan import (
+from vlaprune.core.plan import (
     METHODS,
     Budget,
     Plan,
@@ -272,7 +272,7 @@ def test_cka_run_repairs_for_roles_and_protected(caplog: pytest.LogCaptureFixtur
         cka[3, block + 1] = cka[block + 1, 3] = sim
     problem = PlanProblem((StackProblem("expert", n, cka, roles=_roles("period2", n), protected=frozenset({7})),))
     assert feasible_keep_counts(problem, "expert") == [2, 4, 6, 8]
-    with caplog.at_level("INFO", logger="vlaprune.plan"):
+    with caplog.at_level("INFO", logger="vlaprune.core.plan"):
         plan = plan_removal(problem, None, "cka-run", run_threshold=0.95)
     # 3 candidates would leave 5 blocks (odd: infeasible); the nearest feasible counts are 4 and 6, the
     # repair prefers removing less. Unconstrained, {3, 5} would go (most similar to the head), but that

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlaprune import load_policy
-from vlaprune.calibration import CalibrationConfig, synthetic_batches
+from vlaprune.io.calibration import CalibrationConfig, synthetic_batches
 
 
 def _save(bundle, directory):

@@ -10,10 +10,10 @@ import torch
 
 from vlaprune import load_policy
 from vlaprune.cli import main
-from vlaprune.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
 from vlaprune.families import family_for
-from vlaprune.prune import run_prune
-from vlaprune.train import lerobot_train
+from vlaprune.pipelines.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
+from vlaprune.pipelines.prune import run_prune
+from vlaprune.studies.train import lerobot_train
 
 from .conftest import TINY_SPECS
 from .flow import batch, loss_and_chunk
@@ -47,7 +47,7 @@ def test_prune_writes_a_checkpoint_that_reloads_identically(tmp_path, spec):
     reloaded = load_policy(str(tmp_path / "p"))
     assert family_for(reloaded.policy).depths(reloaded.policy) == {"vlm": 4, "expert": 4}
     data = batch(source)
-    from vlaprune.surgery import skip_blocks
+    from vlaprune.core.surgery import skip_blocks
 
     removed = {name: s["removed"] for name, s in manifest["stacks"].items()}
     with skip_blocks(source.policy, family_for(source.policy), removed):
@@ -143,8 +143,8 @@ def test_lerobot_train_trains_the_pruned_checkpoint(tmp_path, spec):
 
 
 def test_reusing_analysis_json_gives_the_same_plan(tmp_path):
-    from vlaprune.analyze import run_analyze
-    from vlaprune.config import AnalyzeConfig
+    from vlaprune.pipelines.analyze import run_analyze
+    from vlaprune.pipelines.config import AnalyzeConfig
 
     run_analyze(AnalyzeConfig(policy=PolicyArgs(path="tiny:smolvla"), dataset=DatasetArgs(repo_id="synthetic"),
                               calibration=CalibrationArgs(num_samples=4, batch_size=2), out=str(tmp_path / "a")))

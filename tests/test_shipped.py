@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from vlaprune import shipped
-from vlaprune.builtin import smolvla
-from vlaprune.calibration import CalibrationConfig, calibration_batches
-from vlaprune.policies import load_policy
+from vlaprune.io.calibration import CalibrationConfig, calibration_batches
+from vlaprune.models import shipped
+from vlaprune.models.builtin import smolvla
+from vlaprune.models.loading import load_policy
 
 from .flow import loss_and_chunk
 
@@ -38,7 +38,7 @@ def test_shipped_model_loads_with_exactly_its_stored_weights(bundle):
 def test_shipped_model_is_trained(bundle, tmp_path):
     """On demonstrations of a pretraining task, the shipped model's flow-matching loss is far below
     an untrained model's of the same architecture (same frames, same noise, same flow time)."""
-    from vlaprune import metaworld as mw
+    from vlaprune.studies import metaworld as mw
 
     root = tmp_path / "button"
     mw.generate_demos(mw.DemoConfig(tasks=("button-press-topdown-v3",), episodes_per_task=2,
@@ -78,7 +78,7 @@ def test_export_refuses_other_checkpoints(tmp_path):
 def test_calibration_set_holds_the_held_out_tasks():
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
-    from vlaprune import metaworld as mw
+    from vlaprune.studies import metaworld as mw
 
     meta = LeRobotDatasetMetadata(shipped.CALIBRATION_REPO_ID, root=shipped.CALIBRATION_ROOT)
     assert sorted(meta.tasks.index) == sorted(mw.instruction(t) for t in shipped.HELD_OUT)

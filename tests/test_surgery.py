@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vlaprune import load_policy
+from vlaprune.core.surgery import remove_blocks, renumber_state_dict, skip_blocks
 from vlaprune.families import family_for
-from vlaprune.surgery import remove_blocks, renumber_state_dict, skip_blocks
 
 from .flow import batch, loss_and_chunk
 

@@ -12,7 +12,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import AnalyzeConfig
+    from vlaprune.pipelines.config import AnalyzeConfig
 
 COMMANDS = {
     "analyze": "one calibration pass → per-stack CKA matrices, heatmaps and analysis.json",
@@ -51,9 +51,9 @@ def _analyze(args: list[str]) -> int:
     import draccus
     from tqdm import tqdm
 
-    from .analyze import run_analyze
-    from .config import AnalyzeConfig
-    from .report import adjacent_table
+    from vlaprune.io.report import adjacent_table
+    from vlaprune.pipelines.analyze import run_analyze
+    from vlaprune.pipelines.config import AnalyzeConfig
 
     cfg = draccus.parse(config_class=AnalyzeConfig, args=args)
     rank = _init_distributed(cfg)
@@ -72,9 +72,9 @@ def _prune(args: list[str]) -> int:
     import draccus
     from tqdm import tqdm
 
-    from .config import PruneConfig
-    from .prune import run_prune
-    from .report import prune_summary
+    from vlaprune.io.report import prune_summary
+    from vlaprune.pipelines.config import PruneConfig
+    from vlaprune.pipelines.prune import run_prune
 
     cfg = draccus.parse(config_class=PruneConfig, args=args)
     total = len(cfg.calibration.calibration().batch_sizes)
@@ -94,8 +94,9 @@ def _bench(args: list[str]) -> int:
     import draccus
     from tqdm import tqdm
 
-    from .bench import bench_table, run_bench
-    from .config import BenchConfig
+    from vlaprune.io.report import bench_table
+    from vlaprune.pipelines.bench import run_bench
+    from vlaprune.pipelines.config import BenchConfig
 
     cfg = draccus.parse(config_class=BenchConfig, args=args)
     with tqdm(total=cfg.rounds, desc="A/B rounds", unit="round", disable=not sys.stderr.isatty()) as bar:

@@ -87,7 +87,7 @@ def check_kept_list(what: str, kept: Any, depth_field: str, depth: Any) -> list[
 def architecture(config: Any, variant: str) -> AbstractContextManager[Any]:
     """The context under which the stock ``PI0Policy``/``PI05Policy`` builds ``config``'s architecture."""
     if config.builtin_architecture == "tiny":
-        from vlaprune.builtin.pi0 import tiny_architecture
+        from vlaprune.models.builtin.pi0 import tiny_architecture
 
         return tiny_architecture(variant)  # type: ignore[arg-type]
     return nullcontext()
@@ -186,7 +186,7 @@ def load_pretrained_strict[P: nn.Module](
 def check_checkpoint(policy: nn.Module, weights: Path) -> None:
     """Raise :class:`PrunedCheckpointError` unless ``weights`` covers ``policy``'s state dict exactly
     (tied weights saved once count as present)."""
-    from vlaprune.policies import weight_mismatch
+    from vlaprune.models.loading import weight_mismatch
 
     problem = weight_mismatch(policy, weights)
     if problem:

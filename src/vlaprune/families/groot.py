@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Family, PrefixPass, Protection, RoleRule, StackSpec, check_positions, register_family
+from vlaprune.core.family import Family, PrefixPass, Protection, RoleRule, StackSpec, check_positions, register_family
 
 _MODEL = "_groot_model"
 _LLM = f"{_MODEL}.backbone.model.model.language_model"

@@ -1,6 +1,6 @@
 """GR00T N1.5 (NVIDIA Isaac-GR00T layout; LeRobot's port up to 0.5.1): Eagle (Qwen3) LM, VL self-attention, DiT.
 
-The policy is :class:`vlaprune.isaac_n15.N15Policy`, a thin wrapper whose ``.model`` is the
+The policy is :class:`vlaprune.families.isaac_n15.N15Policy`, a thin wrapper whose ``.model`` is the
 ``GR00TN15`` model, so the module paths are Isaac-GR00T's with a ``model.`` prefix. Rules:
 
 - ``llm``: the Eagle 2.5 VL language model's Qwen3 layers, truncated at ``backbone_cfg.select_layer``
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Family, RoleRule, StackSpec, register_family
-from .groot import GrootRunner
+from vlaprune.core.family import Family, RoleRule, StackSpec, register_family
+from vlaprune.families.groot import GrootRunner
 
 _LLM = "model.backbone.eagle_model.language_model.model"
 _VLSA = "model.action_head.vl_self_attention"
@@ -47,7 +47,7 @@ class GrootN15Runner(GrootRunner):
         return policy.model
 
     def model_inputs(self, policy: Any, batch: dict[str, Any], *, with_action: bool) -> dict[str, Any]:
-        from ..isaac_n15 import model_inputs
+        from vlaprune.families.isaac_n15 import model_inputs
 
         return model_inputs(batch, with_action=with_action)
 
@@ -69,7 +69,7 @@ class GrootN15Surgeon:
         return config
 
     def build(self, config: Any) -> Any:
-        from ..isaac_n15 import N15Policy, load
+        from vlaprune.families.isaac_n15 import N15Policy, load
 
         return N15Policy(load().GR00TN15(config, local_model_path=""))
 

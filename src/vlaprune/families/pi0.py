@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import (
+from vlaprune.core.family import (
     Family,
     ModelForwardRunner,
     PrefixPass,
@@ -118,8 +118,7 @@ class PiSurgeon:
         import dataclasses
 
         from lerobot_policy_vlaprune import PI0PrunedConfig, PI05PrunedConfig
-
-        from ..builtin.pi0 import builtin_architecture
+        from vlaprune.models.builtin.pi0 import builtin_architecture
 
         missing = {"vlm", "expert"} - set(kept)
         if missing:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Family, ModelForwardRunner, PrefixPass, RoleRule, StackSpec, register_family
+from vlaprune.core.family import Family, ModelForwardRunner, PrefixPass, RoleRule, StackSpec, register_family
 
 _VLM = "model.vlm_with_expert.vlm.model.text_model"
 _EXPERT = "model.vlm_with_expert.lm_expert"

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .families.base import Family
-from .outputs import write_atomically
+from vlaprune.core.family import Family
+from vlaprune.io.outputs import write_atomically
 
 logger = logging.getLogger(__name__)
 

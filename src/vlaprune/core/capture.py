@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .families.base import Family, StackSpec
+from vlaprune.core.family import Family, StackSpec
 
 logger = logging.getLogger(__name__)
 

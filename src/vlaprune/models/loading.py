@@ -8,8 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import isaac_n15, shipped
-from .builtin.common import PolicyBundle
+from vlaprune.families import isaac_n15
+from vlaprune.models import shipped
+from vlaprune.models.builtin.common import PolicyBundle
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +51,18 @@ def _build_builtin(spec: str, *, seed: int) -> PolicyBundle:
     if spec not in BUILTIN_SPECS:
         raise ValueError(f"unknown built-in policy {spec!r}; built-in policies: {', '.join(BUILTIN_SPECS)}")
     if name == "smolvla":
-        from .builtin import smolvla
+        from vlaprune.models.builtin import smolvla
 
         return smolvla.build(size, seed=seed)  # type: ignore[arg-type]
     if name == "groot":
-        from .builtin import groot
+        from vlaprune.models.builtin import groot
 
         return groot.build(size, seed=seed)  # type: ignore[arg-type]
     if name == "groot_n15":
-        from .builtin import groot_n15
+        from vlaprune.models.builtin import groot_n15
 
         return groot_n15.build(size, seed=seed)
-    from .builtin import pi0
+    from vlaprune.models.builtin import pi0
 
     return pi0.build(name, size, seed=seed)  # type: ignore[arg-type]
 
@@ -70,8 +71,8 @@ def _load_pretrained(path: str, *, local: bool) -> PolicyBundle:
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 
-    from .checkpoint import check_manifest, read_manifest
-    from .families import family_for
+    from vlaprune.families import family_for
+    from vlaprune.io.manifest import check_manifest, read_manifest
 
     config = PreTrainedConfig.from_pretrained(path)
     family = family_for(config.type)  # unsupported types fail here, listing the supported ones
@@ -119,8 +120,8 @@ def weight_mismatch(policy: Any, weights: Path) -> str | None:
 
 def _load_n15(path: str) -> PolicyBundle:
     """An Isaac-GR00T N1.5 checkpoint directory, loaded strictly with LeRobot 0.5.1's N1.5 code."""
-    from .checkpoint import check_manifest, read_manifest
-    from .families import family_for
+    from vlaprune.families import family_for
+    from vlaprune.io.manifest import check_manifest, read_manifest
 
     policy = isaac_n15.N15Policy(isaac_n15.load_checkpoint(path))
     manifest = read_manifest(Path(path))

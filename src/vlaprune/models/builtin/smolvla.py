@@ -19,14 +19,14 @@ from typing import Any, Literal
 
 import torch
 
-from .common import (
+from vlaprune.io.cache import generated_dir
+from vlaprune.models.builtin.common import (
     ACTION_DIM,
     ACTION_KEY,
     CAMERA_KEY,
     STATE_DIM,
     STATE_KEY,
     PolicyBundle,
-    generated_dir,
     perturb_parameters,
     spread_linear_weights,
     synthetic_dataset_stats,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .calibration import SYNTHETIC, CalibrationConfig
-from .capture import DEFAULT_TIMESTEPS, CaptureConfig
-from .cka import PRESETS, CKAConfig
+from vlaprune.core.capture import DEFAULT_TIMESTEPS, CaptureConfig
+from vlaprune.core.cka import PRESETS, CKAConfig
+from vlaprune.io.calibration import SYNTHETIC, CalibrationConfig
 
 
 @dataclass

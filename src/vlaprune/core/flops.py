@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families.base import Family, action_chunk, noise_shape
+from vlaprune.core.family import Family, action_chunk, noise_shape
 
 
 def parameter_counts(policy: nn.Module) -> dict[str, int]:

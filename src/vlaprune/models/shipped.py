@@ -7,7 +7,7 @@ calibration set holds demonstrations of the held-out tasks (``HELD_OUT``): the d
 fine-tune on, never seen in pretraining.
 
 The repository stores the checkpoint with a placeholder where LeRobot expects the path of the VLM's
-config and tokenizer (generated offline, per machine: :func:`vlaprune.builtin.smolvla.smolvlm_dir`).
+config and tokenizer (generated offline, per machine: :func:`vlaprune.models.builtin.smolvla.smolvlm_dir`).
 :func:`policy_dir` fills it in and caches a ready LeRobot checkpoint directory, usable by
 ``lerobot-train`` and ``lerobot-eval`` as well.
 """
@@ -19,10 +19,10 @@ import json
 import shutil
 from pathlib import Path
 
-from .builtin.common import generated_dir
+from vlaprune.io.cache import generated_dir
 
 SPEC = "metaworld:smolvla"
-ASSETS = Path(__file__).parent / "assets" / "metaworld"
+ASSETS = Path(__file__).parents[1] / "assets" / "metaworld"
 POLICY_DIR = ASSETS / "policy"  # as stored: VLM paths replaced by VLM_PLACEHOLDER
 CALIBRATION_ROOT = ASSETS / "heldout"
 CALIBRATION_REPO_ID = "local/metaworld_heldout"
@@ -34,7 +34,7 @@ _PATH_FILES = ("config.json", "policy_preprocessor.json")  # the files that name
 
 def policy_dir() -> Path:
     """A LeRobot checkpoint directory of the shipped policy, with this machine's VLM paths (cached)."""
-    from .builtin import smolvla
+    from vlaprune.models.builtin import smolvla
 
     weights = POLICY_DIR / "model.safetensors"
     if not weights.is_file():
@@ -51,7 +51,7 @@ def policy_dir() -> Path:
 
 def export(checkpoint: Path, dest: Path) -> None:
     """Store ``checkpoint`` (a trained ``small`` SmolVLA) at ``dest`` in the shipped form (atomically)."""
-    from .builtin import smolvla
+    from vlaprune.models.builtin import smolvla
 
     config = json.loads((checkpoint / "config.json").read_text())
     vlm = str(smolvla.smolvlm_dir("small"))

@@ -1,6 +1,6 @@
 """Check a pruned policy against its source, and measure what a plan costs before any surgery.
 
-Both use :func:`vlaprune.surgery.pruned_reference`: the source run with the removed blocks made exact
+Both use :func:`vlaprune.core.surgery.pruned_reference`: the source run with the removed blocks made exact
 identities (plus the family's reference adjustments where its pruning changes more than that).
 ``verify_pruned`` demands that the pruned policy equals that reference (loss at fixed noise and
 time, action chunk at fixed noise) within float32 tolerance; ``PlanDamage`` measures how
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .families.base import Family, action_chunk, flow_loss, noise_shape
-from .surgery import pruned_reference
+from vlaprune.core.family import Family, action_chunk, flow_loss, noise_shape
+from vlaprune.core.surgery import pruned_reference
 
 logger = logging.getLogger(__name__)
 

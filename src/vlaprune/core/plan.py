@@ -1,7 +1,7 @@
 """Which blocks to remove: CKA/cosine scores → kept original indices per stack, under rules and a budget.
 
 A stack of L blocks has L+1 residual states (state i = input of block i, state L = output of the
-last block; see :mod:`vlaprune.cka`). A plan stores the KEPT ORIGINAL indices of every stack. The
+last block; see :mod:`vlaprune.core.cka`). A plan stores the KEPT ORIGINAL indices of every stack. The
 family's rules come as data: lockstep groups (stacks that keep identical indices, planned together
 with their costs summed), roles by position (kept block k_j lands at new position j and needs
 ``roles[j] == roles[k_j]``) and protected blocks (never removed).

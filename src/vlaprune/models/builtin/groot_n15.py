@@ -1,6 +1,6 @@
 """Built-in GR00T N1.5 (``tiny:groot_n15``), built offline with LeRobot 0.5.1's real N1.5 code.
 
-The model is ``GR00TN15`` from :mod:`vlaprune.isaac_n15` (Isaac-GR00T's N1.5 as LeRobot ported it),
+The model is ``GR00TN15`` from :mod:`vlaprune.families.isaac_n15` (Isaac-GR00T's N1.5 as LeRobot ported it),
 at N1.5's depths: 12 language layers kept by ``select_layer`` (of 14 built), 4 VL self-attention
 blocks, 16 DiT blocks, so the paper's hand-picked plan applies as is, but at tiny widths (Qwen3
 text width 64, a one-layer SigLIP on 28 px frames, 4 image tokens). Its Eagle 2.5 VL config is
@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from ..calibration import SYNTHETIC_TASKS, CalibrationConfig
-from .common import PolicyBundle, generated_dir, perturb_parameters, spread_linear_weights
+from vlaprune.io.cache import generated_dir
+from vlaprune.io.calibration import SYNTHETIC_TASKS, CalibrationConfig
+from vlaprune.models.builtin.common import PolicyBundle, perturb_parameters, spread_linear_weights
 
 _FORMAT_VERSION = 1
 WIDTH, TEXT_LAYERS, SELECT_LAYER = 64, 14, 12
@@ -91,7 +92,7 @@ def model_config(module: Any) -> Any:
 
 def build(size: str = "tiny", *, seed: int = 0) -> PolicyBundle:
     """``tiny:groot_n15``: an ``N15Policy`` (eval, float32, CPU) around a seeded tiny ``GR00TN15``."""
-    from ..isaac_n15 import N15Policy, load
+    from vlaprune.families.isaac_n15 import N15Policy, load
 
     if size != "tiny":
         raise ValueError(f"GR00T N1.5 comes as tiny:groot_n15 only; got {size}:groot_n15")

@@ -190,7 +190,7 @@ class ModelForwardRunner:
 class Surgeon(Protocol):
     """How a family expresses a pruned policy: its config, and a fresh (untrained) policy of that config.
 
-    Surgery (``vlaprune.surgery``) then loads the source's state dict, renumbered per stack, strictly.
+    Surgery (``vlaprune.core.surgery``) then loads the source's state dict, renumbered per stack, strictly.
     ``kept`` holds ORIGINAL indices of the source policy per stack.
     """
 

@@ -1,7 +1,7 @@
-"""``make demo`` (``python -m vlaprune.demo``): the whole job on real trained weights, offline, in minutes.
+"""``make demo`` (``python -m vlaprune.studies.demo``): the whole job on real trained weights, offline, in minutes.
 
 The shipped ``metaworld:smolvla`` (a small SmolVLA pretrained on 8 MetaWorld tasks, see
-:mod:`vlaprune.shipped`) →
+:mod:`vlaprune.models.shipped`) →
 
 1. ``analyze``: one calibration pass on demonstrations of the two held-out tasks, CKA heatmaps;
 2. ``prune`` to half depth (``cka-dp``), verified against the source with the removed blocks skipped;
@@ -28,7 +28,7 @@ from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlaprune.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m vlaprune.studies.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of blocks removed per stack")
@@ -54,15 +54,16 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
-    from . import metaworld as mw
-    from . import shipped
-    from .analyze import machine_description, run_analyze
-    from .bench import run_bench
-    from .config import AnalyzeConfig, BenchConfig, DatasetArgs, PolicyArgs, PruneConfig, PrunedArgs
-    from .policies import load_policy
-    from .prune import run_prune
-    from .report import prune_summary
-    from .train import lerobot_train
+    from vlaprune.io.provenance import machine_description
+    from vlaprune.io.report import prune_summary
+    from vlaprune.models import shipped
+    from vlaprune.models.loading import load_policy
+    from vlaprune.pipelines.analyze import run_analyze
+    from vlaprune.pipelines.bench import run_bench
+    from vlaprune.pipelines.config import AnalyzeConfig, BenchConfig, DatasetArgs, PolicyArgs, PruneConfig, PrunedArgs
+    from vlaprune.pipelines.prune import run_prune
+    from vlaprune.studies import metaworld as mw
+    from vlaprune.studies.train import lerobot_train
 
     start = time.perf_counter()
     mw.check_tasks(shipped.HELD_OUT)  # fails early, naming what to install, if MetaWorld is missing

@@ -7,35 +7,25 @@ verify against the source with the removed blocks skipped → save (atomically) 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .analyze import StackAnalysis, compute_stack_cka, library_versions, settings_dict
-from .calibration import CalibrationConfig, calibration_batches, describe_calibration
-from .checkpoint import original_indices, read_manifest, save_pruned
-from .config import PlanArgs, PruneConfig
-from .families import family_for
-from .families.base import Family, policy_type
-from .flops import chunk_flops, parameter_counts
-from .outputs import prepare_output_dir
-from .plan import (
-    Budget,
-    Plan,
-    PlanProblem,
-    StackProblem,
-    candidate_plans,
-    path_cost,
-    plan_removal,
-    validate_kept,
-)
-from .surgery import remove_blocks
-from .verify import PlanDamage, verify_pruned
+from vlaprune.core.family import policy_type
+from vlaprune.core.flops import chunk_flops, parameter_counts
+from vlaprune.core.plan import Plan
+from vlaprune.core.surgery import remove_blocks
+from vlaprune.core.verify import PlanDamage, verify_pruned
+from vlaprune.families import family_for
+from vlaprune.io.calibration import CalibrationConfig, calibration_batches, describe_calibration
+from vlaprune.io.manifest import original_indices, read_manifest, save_pruned
+from vlaprune.io.outputs import prepare_output_dir
+from vlaprune.io.provenance import library_versions
+from vlaprune.models.loading import is_builtin, load_policy
+from vlaprune.pipelines.config import PruneConfig
+from vlaprune.pipelines.planning import build_problem, choose_plan, compute_stack_cka, load_analysis, settings_dict
 
 logger = logging.getLogger(__name__)
 
@@ -48,77 +38,8 @@ class PruneResult:
     pruned: Any  # the in-memory pruned policy that was saved
 
 
-def build_problem(family: Family, policy: Any, stacks: dict[str, StackAnalysis], protect: list[int],
-                  allow: list[str] | None = None) -> PlanProblem:
-    """The planner's view of a policy: CKA / cosine matrices per stack plus the family's rules
-    (``allow`` lifts the family protections it names)."""
-    depths = family.depths(policy)
-    for name, depth in depths.items():
-        if name not in stacks or stacks[name].num_layers != depth:
-            found = stacks[name].num_layers if name in stacks else "no"
-            raise ValueError(f"the analysis has {found} blocks for stack {name!r}; the policy has {depth}")
-        bad = [i for i in protect if not 0 <= i < depth]
-        if bad:
-            raise ValueError(f"--plan.protect {bad} out of range for stack {name!r} with {depth} blocks")
-    roles = family.roles(policy)
-    by_family = family.protected(policy, allow or [])
-    user_why = [f"--plan.protect={protect}"] if protect else []
-
-    def why(name: str) -> str:
-        return "; ".join([*sorted(set(by_family.get(name, {}).values())), *user_why])
-
-    return PlanProblem(
-        stacks=tuple(
-            StackProblem(
-                name=name,
-                num_layers=depths[name],
-                cka=np.array(stacks[name].cka, dtype=float),
-                cosine=np.array(stacks[name].cosine, dtype=float),
-                roles=tuple(roles[name]) if name in roles else None,
-                protected=frozenset(protect) | frozenset(by_family.get(name, {})),
-                protected_why=why(name),
-            )
-            for name in depths
-        ),
-        lockstep=family.lockstep,
-    )
-
-
-def load_analysis(path: Path) -> dict[str, StackAnalysis]:
-    """The per-stack matrices of an ``analysis.json`` written by ``vlaprune analyze``."""
-    data = json.loads(path.read_text())
-    return {name: StackAnalysis.from_json(name, s) for name, s in data["stacks"].items()}
-
-
-def choose_plan(
-    args: PlanArgs, problem: PlanProblem, damage: Callable[[Plan], float]
-) -> tuple[Plan, list[dict[str, Any]]]:
-    """The plan to apply, and every candidate considered (with its cost and measured damage)."""
-    if args.kept is not None:
-        validate_kept(problem, args.kept)
-        kept = {name: tuple(idx) for name, idx in args.kept.items()}
-        cost = sum(path_cost(s.cka, kept[s.name]) for s in problem.stacks)
-        chosen = Plan(method="manual", kept=kept, cost=cost)
-        return chosen, [{**chosen.to_json(), "damage": damage(chosen), "chosen": True}]
-    budget = Budget(ratio=args.ratio, keep=args.keep, threshold=args.threshold)
-    requested = plan_removal(problem, budget, args.method, seed=args.seed, run_threshold=args.run_threshold)
-    candidates = [requested]
-    if args.refine > 1:
-        for plan in candidate_plans(problem, budget, limit=args.refine, seed=args.seed):
-            if len(candidates) >= args.refine:
-                break
-            if all(dict(plan.kept) != dict(c.kept) for c in candidates):
-                candidates.append(plan)
-    if args.refine == 0:
-        return requested, [{**requested.to_json(), "damage": None, "chosen": True}]
-    scored = [(damage(plan), plan) for plan in candidates]
-    best = min(scored, key=lambda item: item[0])[1]
-    return best, [{**plan.to_json(), "damage": d, "chosen": plan is best} for d, plan in scored]
-
-
 def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None) -> PruneResult:
     """The ``vlaprune prune`` entry point. Nothing is written unless the pruned policy verifies."""
-    from .policies import is_builtin, load_policy
 
     cfg.validate()
     assert cfg.policy.path and cfg.dataset.repo_id and cfg.out  # checked by validate()

@@ -75,7 +75,7 @@ def _extract(wheel: Path, dest: Path) -> None:
 
 def package_root() -> Path:
     """The cache directory holding the extracted ``lerobot_groot_n15`` package (extracted on first use)."""
-    from .builtin.common import generated_dir
+    from vlaprune.io.cache import generated_dir
 
     wheel = wheel_path()
     stat = wheel.stat()
@@ -207,7 +207,7 @@ def is_n15_checkpoint(path: str | Path) -> bool:
 def load_checkpoint(path: str | Path) -> Any:
     """``GR00TN15.from_pretrained(path)``, refusing a checkpoint that does not cover the model exactly
     (that loader re-initialises missing tensors and drops unexpected ones)."""
-    from .policies import weight_mismatch
+    from vlaprune.models.loading import weight_mismatch
 
     module = load()
     model = module.GR00TN15.from_pretrained(str(path))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .analyze import Analysis, StackAnalysis
+from vlaprune.io.analysis import Analysis, StackAnalysis
 
 
 def plot_cka_heatmap(stack: StackAnalysis, title: str, path: Path) -> None:
@@ -97,4 +98,34 @@ def prune_summary(manifest: dict[str, Any]) -> str:
     verify = manifest["verify"]
     lines.append(f"verified against the source with the removed blocks skipped: max |diff| loss "
                  f"{verify['loss_max_abs_diff']:.2e}, action chunk {verify['chunk_max_abs_diff']:.2e}")
+    return "\n".join(lines)
+
+
+def bench_table(result: Mapping[str, Any]) -> str:
+    """A readable table of one comparison."""
+    full, pruned = result["full"], result["pruned"]
+    width = max(28, *(len(f"  chunk linear GFLOP, {part}") + 1 for part in full["chunk_linear_flops_by_part"]))
+    lines = [f"{'':<{width}}{'full':>12}{'pruned':>12}{'ratio':>8}{'ideal':>8}{'effic.':>8}"]
+
+    def row(label: str, a: float, b: float, ratio: float | None = None, ideal: float | None = None,
+            eff: float | None = None, fmt: str = "{:>12.3f}") -> None:
+        cells = [fmt.format(a), fmt.format(b)]
+        extra = "".join(f"{v:>8.3f}" if v is not None else f"{'':>8}" for v in (ratio, ideal, eff))
+        lines.append(f"{label:<{width}}{cells[0]}{cells[1]}{extra}")
+
+    row("action chunk (s)", full["chunk_s"], pruned["chunk_s"], result["inference_ratio"],
+        result["ideal_inference_ratio"], result["inference_efficiency"])
+    if "train_step_ratio" in result:
+        row("training step (s)", full["train_step_s"], pruned["train_step_s"], result["train_step_ratio"],
+            result["ideal_train_ratio"], result["train_efficiency"])
+        row("train peak mem. (+MB)", full["train_peak_mb"], pruned["train_peak_mb"], fmt="{:>12.0f}")
+    row("chunk peak mem. (+MB)", full["chunk_peak_mb"], pruned["chunk_peak_mb"], fmt="{:>12.0f}")
+    row("parameters (M)", full["parameters"]["total"] / 1e6, pruned["parameters"]["total"] / 1e6, fmt="{:>12.1f}")
+    row("trainable parameters (M)", full["parameters"]["trainable"] / 1e6,
+        pruned["parameters"]["trainable"] / 1e6, fmt="{:>12.1f}")
+    for part in full["chunk_linear_flops_by_part"]:
+        a, b = full["chunk_linear_flops_by_part"][part], pruned["chunk_linear_flops_by_part"][part]
+        row(f"  chunk linear GFLOP, {part}", a / 1e9, b / 1e9, b / a if a else None, fmt="{:>12.2f}")
+    row("chunk linear GFLOP, total", full["chunk_linear_flops"] / 1e9, pruned["chunk_linear_flops"] / 1e9,
+        result["flop_inference_ratio"], fmt="{:>12.2f}")
     return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""What every entry point needs to plan: the similarity pass over calibration batches, the planner's
+view of a policy under its family's rules, and the choice of the plan to apply."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlaprune.core.capture import CaptureConfig, collect_residuals
+from vlaprune.core.cka import CKAConfig, StreamingCKA, StreamingCosine
+from vlaprune.core.family import Family
+from vlaprune.core.plan import (
+    Budget,
+    Plan,
+    PlanProblem,
+    StackProblem,
+    candidate_plans,
+    path_cost,
+    plan_removal,
+    validate_kept,
+)
+from vlaprune.families import family_for
+from vlaprune.io.analysis import StackAnalysis
+from vlaprune.pipelines.config import PlanArgs
+
+logger = logging.getLogger(__name__)
+
+
+def compute_stack_cka(
+    policy: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    *,
+    family: Family | None = None,
+    cka: CKAConfig | None = None,
+    capture: CaptureConfig | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, StackAnalysis]:
+    """Stream calibration batches through ``policy`` and return a CKA matrix per stack.
+
+    Each pass folds its residual states into one streaming accumulator per stack and drops them,
+    so memory does not grow with the number of batches. The expert stacks see one update per flow
+    timestep per batch. The noise of batch ``i`` is seeded by ``(capture.seed, i)``, so a batch gets
+    the same noise whichever process runs it.
+
+    Under ``torch.distributed`` (e.g. ``torchrun`` or ``accelerate launch``), rank r runs batches
+    r, r + W, ... and the accumulators are summed across ranks before the matrices are computed:
+    the result equals one process running every batch (exactly, when no token subsampling is used).
+    """
+    family = family or family_for(policy)
+    cka = cka or CKAConfig()
+    capture = capture or CaptureConfig()
+    rank, world = rank_and_world()
+    depths = family.depths(policy)
+    accumulators = {name: StreamingCKA(depth + 1, cka) for name, depth in depths.items()}
+    cosines = {name: StreamingCosine(depth + 1) for name, depth in depths.items()}
+    policy.eval()
+    for index, batch in enumerate(batches):
+        if index % world == rank:
+            generator = torch.Generator().manual_seed(capture.seed * 1_000_003 + index)
+            for recorded in collect_residuals(policy, family, batch, config=capture, generator=generator):
+                accumulators[recorded.stack].update(recorded.states, recorded.mask)
+                cosines[recorded.stack].update(recorded.states, recorded.mask)
+                del recorded
+        if on_batch is not None:
+            on_batch(1)
+    if world > 1:
+        for acc in accumulators.values():
+            acc.all_reduce()
+        for cos in cosines.values():
+            cos.all_reduce()
+    results: dict[str, StackAnalysis] = {}
+    for name, acc in accumulators.items():
+        results[name] = StackAnalysis(
+            name=name,
+            num_layers=depths[name],
+            cka=_as_tuples(acc.compute()),
+            cosine=_as_tuples(cosines[name].compute()),
+            num_updates=acc.num_updates,
+            num_examples=acc.num_examples,
+        )
+    return results
+
+
+def _as_tuples(matrix: torch.Tensor) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(v) for v in row) for row in matrix.cpu().tolist())
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def settings_dict(cka: CKAConfig, capture: CaptureConfig) -> dict[str, Any]:
+    return {"cka": asdict(cka), "capture": {"timesteps": list(capture.timesteps), "seed": capture.seed}}
+
+
+def build_problem(family: Family, policy: Any, stacks: dict[str, StackAnalysis], protect: list[int],
+                  allow: list[str] | None = None) -> PlanProblem:
+    """The planner's view of a policy: CKA / cosine matrices per stack plus the family's rules
+    (``allow`` lifts the family protections it names)."""
+    depths = family.depths(policy)
+    for name, depth in depths.items():
+        if name not in stacks or stacks[name].num_layers != depth:
+            found = stacks[name].num_layers if name in stacks else "no"
+            raise ValueError(f"the analysis has {found} blocks for stack {name!r}; the policy has {depth}")
+        bad = [i for i in protect if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"--plan.protect {bad} out of range for stack {name!r} with {depth} blocks")
+    roles = family.roles(policy)
+    by_family = family.protected(policy, allow or [])
+    user_why = [f"--plan.protect={protect}"] if protect else []
+
+    def why(name: str) -> str:
+        return "; ".join([*sorted(set(by_family.get(name, {}).values())), *user_why])
+
+    return PlanProblem(
+        stacks=tuple(
+            StackProblem(
+                name=name,
+                num_layers=depths[name],
+                cka=np.array(stacks[name].cka, dtype=float),
+                cosine=np.array(stacks[name].cosine, dtype=float),
+                roles=tuple(roles[name]) if name in roles else None,
+                protected=frozenset(protect) | frozenset(by_family.get(name, {})),
+                protected_why=why(name),
+            )
+            for name in depths
+        ),
+        lockstep=family.lockstep,
+    )
+
+
+def load_analysis(path: Path) -> dict[str, StackAnalysis]:
+    """The per-stack matrices of an ``analysis.json`` written by ``vlaprune analyze``."""
+    data = json.loads(path.read_text())
+    return {name: StackAnalysis.from_json(name, s) for name, s in data["stacks"].items()}
+
+
+def choose_plan(
+    args: PlanArgs, problem: PlanProblem, damage: Callable[[Plan], float]
+) -> tuple[Plan, list[dict[str, Any]]]:
+    """The plan to apply, and every candidate considered (with its cost and measured damage)."""
+    if args.kept is not None:
+        validate_kept(problem, args.kept)
+        kept = {name: tuple(idx) for name, idx in args.kept.items()}
+        cost = sum(path_cost(s.cka, kept[s.name]) for s in problem.stacks)
+        chosen = Plan(method="manual", kept=kept, cost=cost)
+        return chosen, [{**chosen.to_json(), "damage": damage(chosen), "chosen": True}]
+    budget = Budget(ratio=args.ratio, keep=args.keep, threshold=args.threshold)
+    requested = plan_removal(problem, budget, args.method, seed=args.seed, run_threshold=args.run_threshold)
+    candidates = [requested]
+    if args.refine > 1:
+        for plan in candidate_plans(problem, budget, limit=args.refine, seed=args.seed):
+            if len(candidates) >= args.refine:
+                break
+            if all(dict(plan.kept) != dict(c.kept) for c in candidates):
+                candidates.append(plan)
+    if args.refine == 0:
+        return requested, [{**requested.to_json(), "damage": None, "chosen": True}]
+    scored = [(damage(plan), plan) for plan in candidates]
+    best = min(scored, key=lambda item: item[0])[1]
+    return best, [{**plan.to_json(), "damage": d, "chosen": plan is best} for d, plan in scored]
