@@ -162,12 +162,12 @@ def test_deepstack_layers_can_be_removed_knowingly(tmp_path, tiny):
 def test_a_text_image_swap_is_invisible_to_shapes_but_not_to_verification(tiny, monkeypatch):
     """Why the role rule exists: with the loader's check disabled, a swapped plan builds and loads
     (same shapes) and only the comparison with the source exposes it."""
-    import vlaprune.families.groot as groot_family
+    import lerobot_policy_vlaprune.modeling_groot_pruned as groot_pruned
 
     source = tiny(SPEC).policy
     family = family_for(source)
     kept = {"llm": list(range(8)), "vl_self_attention": [0, 1, 2, 3], "dit": [2, 3, 4, 5]}
-    monkeypatch.setattr(groot_family, "check_dit_roles", lambda *a: None)  # the groot_pruned loader's check
+    monkeypatch.setattr(groot_pruned, "check_dit_roles", lambda *a: None)  # the groot_pruned loader's check
     pruned = remove_blocks(source, family, kept)
     with pytest.raises(VerificationError):
         verify_pruned(source, pruned, family, kept, batch(tiny(SPEC)))
@@ -175,7 +175,7 @@ def test_a_text_image_swap_is_invisible_to_shapes_but_not_to_verification(tiny, 
 
 
 def test_groot_pruned_checkpoints_load_strictly(tmp_path):
-    from lerobot_policy_vlaprune._pruned import PrunedCheckpointError
+    from lerobot_policy_vlaprune.checks import PrunedCheckpointError
 
     run_prune(_cfg(tmp_path / "p", kept={"llm": [0, 1, 2, 5], "vl_self_attention": [0, 1], "dit": [0, 1, 2, 3]}))
     path = tmp_path / "p" / "config.json"

@@ -99,7 +99,7 @@ def test_the_papers_plan_gives_an_isaac_checkpoint_the_n15_loader_reads(tmp_path
     assert len(model.backbone.eagle_model.language_model.model.layers) == 5
     assert len(model.action_head.model.transformer_blocks) == 8
     assert len(model.action_head.vl_self_attention.transformer_blocks) == 3
-    from vlaprune.models.loading import weight_mismatch
+    from lerobot_policy_vlaprune.checks import weight_mismatch
 
     assert weight_mismatch(model, out / "model.safetensors") is None
 

@@ -25,6 +25,7 @@ from vlaprune.core.family import resolve
 from vlaprune.families import family_for
 from vlaprune.families.pi0 import PiSurgeon
 from vlaprune.io.calibration import CalibrationConfig, synthetic_batches
+from vlaprune.models.builtin import pi0
 
 VARIANTS = ("pi0", "pi05")
 KEPT = [0, 2, 3, 5, 7]  # original indices, of 8 tiny layers
@@ -120,7 +121,8 @@ def test_pruned_structure(case, variant):
     assert pruned.config.type == f"{variant}_pruned"
     assert pruned.config.kept_layers == KEPT
     assert pruned.config.source_num_layers == 8
-    assert pruned.config.builtin_architecture == "tiny"
+    assert pruned.config.architecture == pi0.TINY_ARCHITECTURE  # the dimensions it was built with, recorded
+    assert pruned.config.vocab_size == len(pi0.vocabulary())
     for path in STACK_MODELS.values():
         model = resolve(pruned, path)
         assert len(model.layers) == len(KEPT)
@@ -164,7 +166,7 @@ def test_save_and_reload_exactly(case, variant, tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["type"] == f"{variant}_pruned"
     assert saved["kept_layers"] == KEPT and saved["source_num_layers"] == 8
-    assert saved["builtin_architecture"] == "tiny"
+    assert saved["architecture"] == pi0.TINY_ARCHITECTURE and "builtin_architecture" not in saved
 
     register_third_party_plugins()
     assert PreTrainedConfig.from_pretrained(tmp_path).kept_layers == KEPT
@@ -183,7 +185,7 @@ def test_save_and_reload_exactly(case, variant, tmp_path):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_checkpoint_that_does_not_fit_raises(case, variant, tmp_path):
-    from lerobot_policy_vlaprune._pruned import PrunedCheckpointError
+    from lerobot_policy_vlaprune.checks import PrunedCheckpointError
 
     _, pruned, _ = case(variant)
     pruned.save_pretrained(tmp_path / "good")
@@ -224,7 +226,10 @@ def test_checkpoint_that_does_not_fit_raises(case, variant, tmp_path):
         ({"kept_layers": []}, "kept_layers=.*ORIGINAL indices"),
         ({"kept_layers": [1, 1]}, r"repeats \[1\]"),
         ({"kept_layers": [0], "source_num_layers": 0}, "source_num_layers=0"),
-        ({"kept_layers": [0], "builtin_architecture": "small"}, "builtin_architecture='small'"),
+        ({"kept_layers": [0]}, r"architecture must map \['expert', 'vision', 'vlm'\]"),
+        ({"kept_layers": [0], "architecture": {**pi0.TINY_ARCHITECTURE, "vision": {"hidden_size": 32}}},
+         r"architecture\['vision'\] must give exactly"),
+        ({"kept_layers": [0], "architecture": pi0.TINY_ARCHITECTURE, "vocab_size": 0}, "vocab_size=0"),
     ],
 )
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -255,15 +260,13 @@ def test_config_json_is_validated(case, tmp_path):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_pruning_a_pruned_policy_maps_to_original_indices(case, variant):
-    from vlaprune.models.builtin.pi0 import builtin_architecture
-
     source, pruned, _ = case(variant)
     config_before = copy.deepcopy(pruned.config)
     twice = _prune(pruned, [1, 3, 4])  # positions in the pruned policy = original [2, 5, 7]
     assert pruned.config == config_before
     assert twice.config.kept_layers == [2, 5, 7]
     assert twice.config.source_num_layers == 8
-    assert twice.config.builtin_architecture == builtin_architecture(pruned) == "tiny"
+    assert twice.config.architecture == pruned.config.architecture == pi0.TINY_ARCHITECTURE
     direct = _prune(source.policy, [2, 5, 7])
     assert twice.config == direct.config
     expected = direct.state_dict()

@@ -15,14 +15,8 @@ from dataclasses import dataclass, field
 from lerobot.configs import PreTrainedConfig
 from lerobot.policies.groot.configuration_groot import GrootConfig
 
-from ._pruned import check_kept_list
-
-# vlaprune's stack names → the base-model config entry that holds the stack's depth
-GROOT_STACKS: dict[str, str] = {
-    "llm": "select_layer",
-    "vl_self_attention": "vl_self_attention_cfg.num_layers",
-    "dit": "diffusion_model_cfg.num_layers",
-}
+from .checks import check_kept_list
+from .groot_rules import GROOT_STACKS
 
 
 @PreTrainedConfig.register_subclass("groot_pruned")

@@ -1,8 +1,8 @@
 """``pi0_pruned``: a pi0 whose two Gemma stacks keep only some of the source's layers.
 
 pi0's depth is not a config field (``get_gemma_config`` fixes 18 layers), and the ``pi0`` type name
-is taken, so a depth-pruned pi0 is a type of its own that carries the kept layers. Every other field
-is a stock ``PI0Config`` field, copied from the source policy.
+is taken, so a depth-pruned pi0 is a type of its own that carries the kept layers and the dimensions
+the source was built with. Every other field is a stock ``PI0Config`` field, copied from the source.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from lerobot.configs import PreTrainedConfig
 from lerobot.policies.pi0.configuration_pi0 import PI0Config
 
-from ._pruned import validate_pruned_fields
+from .pruned import validate_pi_fields
 
 
 @PreTrainedConfig.register_subclass("pi0_pruned")
@@ -21,14 +21,15 @@ class PI0PrunedConfig(PI0Config):
     """``PI0Config`` plus the layers kept from the source (the same indices in both stacks: lockstep).
 
     ``kept_layers`` are ORIGINAL indices in the unpruned source of depth ``source_num_layers``; the
-    policy holds them renumbered 0..K-1 in this order. ``builtin_architecture="tiny"`` marks a policy
-    built by vlaprune's offline tiny architecture (``vlaprune.builtin.pi0.tiny_architecture``).
+    policy holds them renumbered 0..K-1 in this order. ``architecture`` (VLM and expert Gemma widths,
+    SigLIP tower, projector) and ``vocab_size`` are the dimensions the source was built with.
     """
 
     kept_layers: list[int] = field(default_factory=list)
     source_num_layers: int = 18
-    builtin_architecture: str | None = None
+    architecture: dict[str, dict[str, int]] = field(default_factory=dict)
+    vocab_size: int = 257152
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        validate_pruned_fields(self)
+        validate_pi_fields(self)

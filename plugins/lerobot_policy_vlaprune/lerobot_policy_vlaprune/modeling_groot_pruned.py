@@ -19,24 +19,18 @@ from typing import Any
 import torch
 from lerobot.policies.groot.modeling_groot import GrootPolicy
 
-from ._pruned import PrunedCheckpointError, StrictLoadMixin
-from .configuration_groot_pruned import GROOT_STACKS, GrootPrunedConfig
-
-
-def _get(config: Any, dotted: str) -> Any:
-    head, _, rest = dotted.partition(".")
-    value = getattr(config, head)
-    return value[rest] if rest else value
+from .checks import PrunedCheckpointError, get_path, set_path
+from .configuration_groot_pruned import GrootPrunedConfig
+from .groot_rules import GROOT_STACKS, check_deepstack, check_dit_roles
+from .pruned import StrictLoadMixin
 
 
 def build_pruned_model(config: GrootPrunedConfig) -> Any:
     """The GR00T N1.7 model of ``config`` at its pruned depths, with untrained weights (to be loaded)."""
     from lerobot.policies.groot.groot_n1_7 import GR00TN17Config
 
-    from vlaprune.families.groot import check_deepstack, check_dit_roles
-
     model_config = GR00TN17Config.from_pretrained(config.base_model_path)
-    source = {stack: _get(model_config, path) for stack, path in GROOT_STACKS.items()}
+    source = {stack: get_path(model_config, path) for stack, path in GROOT_STACKS.items()}
     if source != config.source_depths:
         raise PrunedCheckpointError(
             f"the base model {config.base_model_path} has depths {source}, but this checkpoint was pruned from "
@@ -44,11 +38,8 @@ def build_pruned_model(config: GrootPrunedConfig) -> Any:
             "model it was pruned from"
         )
     check_dit_roles(model_config, config.kept_blocks["dit"])
-    model_config.select_layer = len(config.kept_blocks["llm"])
-    model_config.diffusion_model_cfg = {**model_config.diffusion_model_cfg,
-                                        "num_layers": len(config.kept_blocks["dit"])}
-    model_config.vl_self_attention_cfg = {**model_config.vl_self_attention_cfg,
-                                          "num_layers": len(config.kept_blocks["vl_self_attention"])}
+    for stack, path in GROOT_STACKS.items():
+        set_path(model_config, path, len(config.kept_blocks[stack]))
     model = build_model(config, model_config)
     if not config.deepstack_moved:
         check_deepstack(model.backbone.model.config, config.kept_blocks["llm"])

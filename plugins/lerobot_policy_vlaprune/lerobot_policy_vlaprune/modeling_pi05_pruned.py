@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from lerobot.policies.pi05.modeling_pi05 import PI05Policy
 
-from ._pruned import PrunedPolicyMixin
 from .configuration_pi05_pruned import PI05PrunedConfig
+from .pruned import PrunedPolicyMixin
 
 
 class PI05PrunedPolicy(PrunedPolicyMixin, PI05Policy):

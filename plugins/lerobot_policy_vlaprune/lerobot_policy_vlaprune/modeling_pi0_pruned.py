@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from lerobot.policies.pi0.modeling_pi0 import PI0Policy
 
-from ._pruned import PrunedPolicyMixin
 from .configuration_pi0_pruned import PI0PrunedConfig
+from .pruned import PrunedPolicyMixin
 
 
 class PI0PrunedPolicy(PrunedPolicyMixin, PI0Policy):

@@ -35,7 +35,9 @@ class StackSpec:
     layers: str
     final_norm: str | None
     input_norm: str = "input_layernorm"
-    depth_key: str | None = None  # policy config field holding the depth, if any
+    # the config entry holding the stack's depth (dotted into nested configs and dicts), which the
+    # family's surgeon writes; None where the depth is not a config field (pi0)
+    depth_key: str | None = None
     description: str = ""
     # submodules of a block whose outputs are added to the residual stream: zeroing them makes the
     # block an exact identity, which is how a removed block is "skipped" without surgery (verify)

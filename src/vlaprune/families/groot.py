@@ -20,8 +20,6 @@ the base model's config, so a pruned GR00T is a ``groot_pruned`` policy (plugin
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lerobot_policy_vlaprune import GrootPrunedConfig
+from lerobot_policy_vlaprune.groot_rules import GROOT_STACKS, deepstack_layers, dit_role
+from lerobot_policy_vlaprune.pruned import pruned_config
 from vlaprune.core.family import Family, PrefixPass, Protection, RoleRule, StackSpec, check_positions, register_family
 
 _MODEL = "_groot_model"
@@ -36,45 +37,6 @@ _LLM = f"{_MODEL}.backbone.model.model.language_model"
 _VLSA = f"{_MODEL}.action_head.vl_self_attention"
 _DIT = f"{_MODEL}.action_head.model"
 _DIT_BRANCHES = ("attn1", "ff")  # BasicTransformerBlock: x + attn1(norm1(x)), then x + ff(norm3(x))
-
-
-def dit_role(model_config: Any, index: int) -> str:
-    """Role of DiT block ``index`` of a GR00T N1.7 base-model config: how the model runs that position."""
-    dit = model_config.diffusion_model_cfg
-    if dit.get("interleave_self_attention", False) and index % 2 == 1:
-        return "self"
-    if not model_config.use_alternate_vl_dit:
-        return "cross"
-    return "cross-text" if index % (2 * model_config.attend_text_every_n_blocks) == 0 else "cross-image"
-
-
-def check_dit_roles(model_config: Any, kept: Sequence[int]) -> None:
-    """Raise ValueError unless every kept DiT block (original index) lands on a position of its role."""
-    for new, orig in enumerate(kept):
-        if dit_role(model_config, new) != dit_role(model_config, orig):
-            raise ValueError(
-                f"DiT role rule: original block {orig} ({dit_role(model_config, orig)}) would run at position {new} "
-                f"as {dit_role(model_config, new)}. GR00T decides self-attention / cross-attention to text / to "
-                "image by position (text/image is not caught by weight shapes): kept DiT blocks must keep their "
-                f"roles, e.g. whole groups of {2 * model_config.attend_text_every_n_blocks} consecutive blocks"
-            )
-
-
-def deepstack_layers(qwen_config: Any) -> list[int]:
-    """The text layers (loop positions) that receive deepstack visual features in a Qwen3-VL config."""
-    return list(range(len(qwen_config.vision_config.deepstack_visual_indexes or [])))
-
-
-def check_deepstack(qwen_config: Any, kept_llm: Sequence[int]) -> None:
-    """Raise ValueError unless the language layers that receive deepstack features are kept in place."""
-    needed = deepstack_layers(qwen_config)
-    if list(kept_llm[: len(needed)]) != needed:
-        raise ValueError(
-            f"deepstack rule: language layers {needed} receive the deepstack visual features by position and "
-            f"must be kept; kept language layers {list(kept_llm)}. To remove them knowingly (the features then "
-            "enter the kept layers at those positions): vlaprune prune --plan.allow='[deepstack]', which writes "
-            "deepstack_moved: true into the groot_pruned config"
-        )
 
 
 class GrootRunner:
@@ -171,8 +133,6 @@ class GrootSurgeon:
     """
 
     def pruned_config(self, policy: Any, kept: Mapping[str, Sequence[int]]) -> Any:
-        from lerobot_policy_vlaprune import GrootPrunedConfig
-
         depths = GROOT.depths(policy)  # remove_blocks checked that every stack is named
         for name, positions in kept.items():
             check_positions(f"kept {name} blocks", positions, depths[name])
@@ -183,17 +143,10 @@ class GrootSurgeon:
         else:
             original = {name: list(kept[name]) for name in depths}
             source_depths = depths
-        skip = {"kept_blocks", "source_depths", "deepstack_moved"}
-        fields = dataclasses.fields(source)
-        values = {f.name: copy.deepcopy(getattr(source, f.name)) for f in fields if f.init and f.name not in skip}
         deepstack = deepstack_layers(policy._groot_model.backbone.model.config)
         moved = original["llm"][: len(deepstack)] != deepstack  # only a plan allowed to do so gets here
-        config = GrootPrunedConfig(**values, kept_blocks=original, source_depths=source_depths,
-                                   deepstack_moved=moved)
-        for f in fields:  # fields not set by __init__, if any
-            if not f.init and f.name not in skip:
-                setattr(config, f.name, copy.deepcopy(getattr(source, f.name)))
-        return config
+        return pruned_config(GrootPrunedConfig, source, kept_blocks=original, source_depths=source_depths,
+                             deepstack_moved=moved)
 
     def build(self, config: Any) -> Any:
         from lerobot_policy_vlaprune.modeling_groot_pruned import GrootPrunedPolicy
@@ -250,13 +203,14 @@ GROOT = register_family(
         name="groot",
         policy_types=("groot", "groot_pruned"),
         stacks=(
-            StackSpec("llm", f"{_LLM}.layers", f"{_LLM}.norm",
+            StackSpec("llm", f"{_LLM}.layers", f"{_LLM}.norm", depth_key=GROOT_STACKS["llm"],
                       description="Qwen3-VL language layers up to select_layer (deepstack features enter 0-2)"),
             StackSpec("vl_self_attention", f"{_VLSA}.transformer_blocks", None, input_norm="norm1",
+                      depth_key=GROOT_STACKS["vl_self_attention"],
                       residual_branches=_DIT_BRANCHES, final_output=_VLSA,
                       description="VL self-attention blocks of the action head"),
             StackSpec("dit", f"{_DIT}.transformer_blocks", f"{_DIT}.norm_out", input_norm="norm1",
-                      residual_branches=_DIT_BRANCHES,
+                      residual_branches=_DIT_BRANCHES, depth_key=GROOT_STACKS["dit"],
                       description="AlternateVLDiT blocks: odd self-attention, even cross-attention to text/image"),
         ),
         prefix_stacks=("llm", "vl_self_attention"),

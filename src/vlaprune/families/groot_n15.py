@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lerobot_policy_vlaprune.checks import set_path
 from vlaprune.core.family import Family, RoleRule, StackSpec, register_family
 from vlaprune.families.groot import GrootRunner
 
@@ -31,13 +32,22 @@ _VLSA = "model.action_head.vl_self_attention"
 _DIT = "model.action_head.model"
 _BRANCHES = ("attn1", "ff")
 
-# config.json entries holding each stack's depth (dotted into the nested dicts)
-DEPTH_KEYS = {"llm": ("backbone_cfg", "select_layer"),
-              "vl_self_attention": ("action_head_cfg", "vl_self_attention_cfg", "num_layers"),
-              "dit": ("action_head_cfg", "diffusion_model_cfg", "num_layers")}
-
 # The CLP authors' hand-picked kept blocks for GR00T-N1.5 (their code, not saved in their checkpoints)
 PAPER_PLAN = {"llm": [0, 1, 2, 10, 11], "vl_self_attention": [0, 1, 3], "dit": [0, 3, 8, 9, 12, 13, 14, 15]}
+
+
+# depths live in config.json, dotted into its nested dicts
+_STACKS = (
+    StackSpec("llm", f"{_LLM}.layers", f"{_LLM}.norm", depth_key="backbone_cfg.select_layer",
+              description="Eagle 2.5 VL (Qwen3) language layers up to select_layer"),
+    StackSpec("vl_self_attention", f"{_VLSA}.transformer_blocks", None, input_norm="norm1",
+              residual_branches=_BRANCHES, final_output=_VLSA,
+              depth_key="action_head_cfg.vl_self_attention_cfg.num_layers",
+              description="VL self-attention blocks of the action head"),
+    StackSpec("dit", f"{_DIT}.transformer_blocks", f"{_DIT}.norm_out", input_norm="norm1",
+              residual_branches=_BRANCHES, depth_key="action_head_cfg.diffusion_model_cfg.num_layers",
+              description="DiT blocks: odd self-attention, even cross-attention"),
+)
 
 
 class GrootN15Runner(GrootRunner):
@@ -61,11 +71,9 @@ class GrootN15Surgeon:
 
     def pruned_config(self, policy: Any, kept: Mapping[str, Sequence[int]]) -> Any:
         config = copy.deepcopy(policy.config)
-        for stack, path in DEPTH_KEYS.items():
-            entry = getattr(config, path[0])
-            for key in path[1:-1]:
-                entry = entry[key]
-            entry[path[-1]] = len(kept[stack])
+        for spec in _STACKS:
+            assert spec.depth_key is not None
+            set_path(config, spec.depth_key, len(kept[spec.name]))
         return config
 
     def build(self, config: Any) -> Any:
@@ -78,15 +86,7 @@ GROOT_N15 = register_family(
     Family(
         name="groot_n15",
         policy_types=("gr00t_n1_5",),
-        stacks=(
-            StackSpec("llm", f"{_LLM}.layers", f"{_LLM}.norm",
-                      description="Eagle 2.5 VL (Qwen3) language layers up to select_layer"),
-            StackSpec("vl_self_attention", f"{_VLSA}.transformer_blocks", None, input_norm="norm1",
-                      residual_branches=_BRANCHES, final_output=_VLSA,
-                      description="VL self-attention blocks of the action head"),
-            StackSpec("dit", f"{_DIT}.transformer_blocks", f"{_DIT}.norm_out", input_norm="norm1",
-                      residual_branches=_BRANCHES, description="DiT blocks: odd self-attention, even cross-attention"),
-        ),
+        stacks=_STACKS,
         prefix_stacks=("llm", "vl_self_attention"),
         expert_stacks=("dit",),
         role_rules=(

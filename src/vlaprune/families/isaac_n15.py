@@ -207,14 +207,11 @@ def is_n15_checkpoint(path: str | Path) -> bool:
 def load_checkpoint(path: str | Path) -> Any:
     """``GR00TN15.from_pretrained(path)``, refusing a checkpoint that does not cover the model exactly
     (that loader re-initialises missing tensors and drops unexpected ones)."""
-    from vlaprune.models.loading import weight_mismatch
+    from lerobot_policy_vlaprune.checks import check_weights
 
     module = load()
     model = module.GR00TN15.from_pretrained(str(path))
-    problem = weight_mismatch(model, Path(path) / "model.safetensors")
-    if problem:
-        raise ValueError(f"{path}/model.safetensors does not match the GR00T N1.5 model its config.json builds: "
-                         f"{problem}. The Isaac-GR00T loader would have kept random or dropped tensors.")
+    check_weights(model, Path(path) / "model.safetensors", "the GR00T N1.5 model its config.json builds")
     return model.eval()
 
 

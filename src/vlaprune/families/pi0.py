@@ -14,6 +14,9 @@ from typing import Any
 
 from torch import Tensor
 
+from lerobot_policy_vlaprune import PI0PrunedConfig, PI05PrunedConfig
+from lerobot_policy_vlaprune.pi_architecture import EXPERT_MODEL, VLM_MODEL, measure_architecture
+from lerobot_policy_vlaprune.pruned import pruned_config
 from vlaprune.core.family import (
     Family,
     ModelForwardRunner,
@@ -25,8 +28,7 @@ from vlaprune.core.family import (
     register_family,
 )
 
-_VLM = "model.paligemma_with_expert.paligemma.model.language_model"
-_EXPERT = "model.paligemma_with_expert.gemma_expert.model"
+_VLM, _EXPERT = VLM_MODEL, EXPERT_MODEL  # one source: the plugin builds pruned policies from the same paths
 
 
 class PiRunner(ModelForwardRunner):
@@ -109,17 +111,12 @@ class PiSurgeon:
     """A pruned pi0 / pi0.5 is a ``pi0_pruned`` / ``pi05_pruned`` policy (plugin ``lerobot_policy_vlaprune``).
 
     Its config is the source's, every field copied, plus ``kept_layers`` (original indices, the same
-    for both stacks), ``source_num_layers`` and ``builtin_architecture``. Pruning a pruned policy
-    composes: positions in the pruned policy map back to indices of the ORIGINAL model.
+    for both stacks), ``source_num_layers`` and the dimensions the source was built with
+    (``architecture``, ``vocab_size``, read from its modules). Pruning a pruned policy composes:
+    positions in the pruned policy map back to indices of the ORIGINAL model.
     """
 
     def pruned_config(self, policy: Any, kept: Mapping[str, Sequence[int]]) -> Any:
-        import copy
-        import dataclasses
-
-        from lerobot_policy_vlaprune import PI0PrunedConfig, PI05PrunedConfig
-        from vlaprune.models.builtin.pi0 import builtin_architecture
-
         missing = {"vlm", "expert"} - set(kept)
         if missing:
             raise ValueError(f"pi0 surgery needs kept layers for stacks 'vlm' and 'expert'; missing {sorted(missing)}")
@@ -135,26 +132,17 @@ class PiSurgeon:
         source = policy.config
         if isinstance(source, PI0PrunedConfig | PI05PrunedConfig):
             # positions index the pruned policy's layers; map them to the original model
-            original = [source.kept_layers[i] for i in positions]
-            source_num_layers, architecture = source.source_num_layers, source.builtin_architecture
+            original, source_num_layers = [source.kept_layers[i] for i in positions], source.source_num_layers
         else:
-            original, source_num_layers, architecture = positions, depth, builtin_architecture(policy)
+            original, source_num_layers = positions, depth
+        architecture, vocab_size = measure_architecture(policy)
         target = PI05PrunedConfig if family.name == "pi05" else PI0PrunedConfig
-        skip = {"kept_layers", "source_num_layers", "builtin_architecture"}
-        fields = dataclasses.fields(source)
-        values = {f.name: copy.deepcopy(getattr(source, f.name)) for f in fields if f.init and f.name not in skip}
-        config = target(
-            **values, kept_layers=original, source_num_layers=source_num_layers, builtin_architecture=architecture
-        )
-        for f in fields:  # fields not set by __init__, if any
-            if not f.init and f.name not in skip:
-                setattr(config, f.name, copy.deepcopy(getattr(source, f.name)))
-        return config
+        return pruned_config(target, source, kept_layers=original, source_num_layers=source_num_layers,
+                             architecture=architecture, vocab_size=vocab_size)
 
     def build(self, config: Any) -> Any:
         import torch
 
-        from lerobot_policy_vlaprune import PI05PrunedConfig
         from lerobot_policy_vlaprune.modeling_pi0_pruned import PI0PrunedPolicy
         from lerobot_policy_vlaprune.modeling_pi05_pruned import PI05PrunedPolicy
 

@@ -21,6 +21,12 @@ _VLM = "model.vlm_with_expert.vlm.model.text_model"
 _EXPERT = "model.vlm_with_expert.lm_expert"
 
 
+_VLM_STACK = StackSpec("vlm", f"{_VLM}.layers", f"{_VLM}.norm", depth_key="num_vlm_layers",
+                       description="SmolVLM text decoder layers")
+_EXPERT_STACK = StackSpec("expert", f"{_EXPERT}.layers", f"{_EXPERT}.norm", depth_key="num_expert_layers",
+                          description="action-expert layers (self/cross-attention to the VLM's KV)")
+
+
 class SmolVLARunner(ModelForwardRunner):
     """Prefix through the VLM with a KV cache, then ``denoise_step`` per flow timestep."""
 
@@ -86,8 +92,9 @@ class SmolVLASurgeon:
                 f"{source.num_expert_layers}) cannot be pruned: only equal depths are supported"
             )
         config = copy.deepcopy(source)
-        config.num_vlm_layers = len(vlm)
-        config.num_expert_layers = -1  # as many expert layers as VLM layers
+        for spec, depth in ((_VLM_STACK, len(vlm)), (_EXPERT_STACK, -1)):  # -1: as many expert as VLM layers
+            assert spec.depth_key is not None
+            setattr(config, spec.depth_key, depth)
         config.load_vlm_weights = False  # every weight comes from the pruned state dict
         return config
 
@@ -101,12 +108,7 @@ SMOLVLA = register_family(
     Family(
         name="smolvla",
         policy_types=("smolvla",),
-        stacks=(
-            StackSpec("vlm", f"{_VLM}.layers", f"{_VLM}.norm", depth_key="num_vlm_layers",
-                      description="SmolVLM text decoder layers"),
-            StackSpec("expert", f"{_EXPERT}.layers", f"{_EXPERT}.norm", depth_key="num_expert_layers",
-                      description="action-expert layers (self/cross-attention to the VLM's KV)"),
-        ),
+        stacks=(_VLM_STACK, _EXPERT_STACK),
         prefix_stacks=("vlm",),
         expert_stacks=("expert",),
         lockstep=(("vlm", "expert"),),

@@ -8,7 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vlaprune.families import isaac_n15
+from lerobot_policy_vlaprune.checks import check_finite, check_weights
+from vlaprune.families import family_for, isaac_n15
+from vlaprune.io.manifest import check_manifest, read_manifest
 from vlaprune.models import shipped
 from vlaprune.models.builtin.common import PolicyBundle
 
@@ -71,72 +73,27 @@ def _load_pretrained(path: str, *, local: bool) -> PolicyBundle:
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 
-    from vlaprune.families import family_for
-    from vlaprune.io.manifest import check_manifest, read_manifest
-
     config = PreTrainedConfig.from_pretrained(path)
-    family = family_for(config.type)  # unsupported types fail here, listing the supported ones
-    policy_cls = get_policy_class(config.type)
-    policy = policy_cls.from_pretrained(path, config=config)
+    family_for(config.type)  # unsupported types fail here, listing the supported ones
+    policy = get_policy_class(config.type).from_pretrained(path, config=config)
     if local:
-        check_weights_match(policy, Path(path) / "model.safetensors")
-        manifest = read_manifest(Path(path))
-        if manifest is not None:
-            check_manifest(policy, family, manifest, Path(path))
+        check_weights(policy, Path(path) / "model.safetensors")
+    _check_loaded(policy, path, local=local)
     preprocessor, postprocessor = make_pre_post_processors(config, pretrained_path=path)
     return PolicyBundle(spec=path, policy=policy, preprocessor=preprocessor, postprocessor=postprocessor)
 
 
-def weight_mismatch(policy: Any, weights: Path) -> str | None:
-    """What keeps ``weights`` (a safetensors file) from covering ``policy``'s state dict exactly, or None.
-
-    Tensors that share storage in the policy (tied weights, saved once by ``save_model``) count as
-    present when any of their names is in the file.
-    """
-    from safetensors import safe_open
-
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: a LeRobot checkpoint directory needs model.safetensors")
-    with safe_open(str(weights), framework="pt") as f:
-        saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
-    state = policy.state_dict()
-    expected = {key: tuple(t.shape) for key, t in state.items()}
-    aliases: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
-    for key, tensor in state.items():
-        aliases.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)),
-                           []).append(key)
-    covered = {key for group in aliases.values() if any(k in saved for k in group) for key in group}
-    missing = sorted(set(expected) - set(saved) - covered)
-    unexpected = sorted(set(saved) - set(expected))
-    reshaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
-    if not (missing or unexpected or reshaped):
-        return None
-    return "; ".join(
-        f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("with other shapes", reshaped))
-        if keys
-    )
-
-
 def _load_n15(path: str) -> PolicyBundle:
     """An Isaac-GR00T N1.5 checkpoint directory, loaded strictly with LeRobot 0.5.1's N1.5 code."""
-    from vlaprune.families import family_for
-    from vlaprune.io.manifest import check_manifest, read_manifest
-
     policy = isaac_n15.N15Policy(isaac_n15.load_checkpoint(path))
-    manifest = read_manifest(Path(path))
-    if manifest is not None:
-        check_manifest(policy, family_for(policy), manifest, Path(path))
+    _check_loaded(policy, path, local=True)
     return PolicyBundle(spec=path, policy=policy, preprocessor=None, postprocessor=None)
 
 
-def check_weights_match(policy: Any, weights: Path) -> None:
-    """Refuse a checkpoint whose tensors do not cover the policy exactly.
-
-    LeRobot's loaders are lenient (pi0 prints a warning and keeps random layers; the base loader
-    only logs missing keys), so compare key sets and shapes ourselves.
-    """
-    problem = weight_mismatch(policy, weights)
-    if problem:
-        raise ValueError(f"{weights} does not match the policy its config builds: {problem}. Loading it would "
-                         "leave random weights.")
+def _check_loaded(policy: Any, path: str, *, local: bool) -> None:
+    """Refuse weights holding NaN or Inf, naming the tensor, and a pruned checkpoint whose depths disagree
+    with its manifest."""
+    check_finite(policy, path)
+    manifest = read_manifest(Path(path)) if local else None
+    if manifest is not None:
+        check_manifest(policy, family_for(policy), manifest, Path(path))

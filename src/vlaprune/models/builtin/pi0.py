@@ -3,16 +3,12 @@
 LeRobot's pi0/pi0.5 hard-code their backbone shapes in code, not in the config: the Gemma widths and
 depths come from the module-level ``get_gemma_config(variant)``, and ``PaliGemmaWithExpertModel``
 fixes a SigLIP-So400m vision tower, a 2048-d projector and a 257152-token vocabulary. ``real`` keeps
-all of that (random weights, the stock architecture). ``tiny`` builds the same classes through
-:func:`tiny_architecture`, which swaps three module globals of ``modeling_pi0`` / ``modeling_pi05``
-while the policy is constructed and restores them afterwards:
-
-* ``get_gemma_config`` returns small Gemma stacks (8 layers each, 8 heads: the joint attention
-  reshape hard-codes 8 heads, and both stacks must share heads/head_dim/KV heads);
-* ``PaliGemmaForConditionalGenerationWithPiGemma`` and ``PiGemmaForCausalLM`` are wrapped so that the
-  HF config LeRobot just filled in is shrunk *before* any module is allocated (small SigLIP, projector
-  to the VLM width, vocabulary = our tokenizer's size). Modules are therefore built from their final
-  configs, and ``forward``, ``select_action``, ``state_dict`` and the stored HF configs agree.
+all of that (random weights, the stock architecture). ``tiny`` builds the same classes at small
+dimensions (:data:`TINY_ARCHITECTURE`: 8-layer Gemma stacks with 8 heads, since the joint attention
+reshape hard-codes 8 heads and both stacks must share heads/head_dim/KV heads; a 2-layer SigLIP; a
+projector to the VLM width; our tokenizer's vocabulary) through the plugin's
+``build_architecture``, the same mechanism that builds a pruned pi0 from the dimensions its config
+records. ``forward``, ``select_action``, ``state_dict`` and the stored HF configs agree.
 
 The processors are LeRobot's stock ones; their factory hard-codes the gated
 ``google/paligemma-3b-pt-224`` tokenizer, so the factory runs with ``TokenizerProcessorStep`` pointed
@@ -23,14 +19,15 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
 import torch
 
+from lerobot_policy_vlaprune.pi_architecture import build_architecture
 from vlaprune.io.cache import generated_dir
 from vlaprune.models.builtin.common import (
     ACTION_DIM,
@@ -52,9 +49,6 @@ Size = Literal["tiny", "real"]
 VARIANTS: tuple[str, ...] = ("pi0", "pi05")
 SIZES: tuple[str, ...] = ("tiny", "real")
 
-# Attribute that build() sets on tiny policies ("tiny"); see builtin_architecture().
-BUILTIN_ARCHITECTURE_ATTR = "vlaprune_builtin_architecture"
-
 # Bump when the generated tokenizer directory's layout changes, so old caches are not reused.
 _FORMAT_VERSION = 1
 
@@ -65,18 +59,17 @@ _SPECIAL = [_PAD, _EOS, _BOS, _UNK]
 # pi0.5 prompt words ("Task: ..., State: 12 200 ...;\nAction: ").
 _EXTRA_WORDS = ["task", "state", "action"]
 
-# Tiny Gemma stacks, keyed by the stock variant names (PI0Config accepts only those). Heads, KV heads
-# and head_dim are shared: attention is joint over both stacks. 8 x 8 = 64 = VLM width (like
-# gemma_2b's 8 x 256 = 2048) and twice the expert width (like gemma_300m's 2048 vs 1024).
-_TINY_GEMMA: dict[str, dict[str, int]] = {
-    "gemma_2b": {"width": 64, "depth": 8, "mlp_dim": 128, "num_heads": 8, "num_kv_heads": 1, "head_dim": 8},
-    "gemma_300m": {"width": 32, "depth": 8, "mlp_dim": 64, "num_heads": 8, "num_kv_heads": 1, "head_dim": 8},
-}
-# Tiny SigLIP: 64 px images in 16 px patches = 16 image tokens per camera.
+# Tiny dimensions. Heads, KV heads and head_dim are shared: attention is joint over both stacks.
+# 8 x 8 = 64 = VLM width (like gemma_2b's 8 x 256 = 2048) and twice the expert width (like gemma_300m's
+# 2048 vs 1024). SigLIP: 64 px images in 16 px patches = 16 image tokens per camera. The vocabulary
+# is the generated tokenizer's (see tiny_architecture).
 _TINY_IMAGE_SIZE = 64
-_TINY_VISION = {
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "patch_size": 16,
+_TINY_DEPTH = 8
+TINY_ARCHITECTURE: dict[str, dict[str, int]] = {
+    "vlm": {"width": 64, "mlp_dim": 128, "num_heads": 8, "num_kv_heads": 1, "head_dim": 8},
+    "expert": {"width": 32, "mlp_dim": 64, "num_heads": 8, "num_kv_heads": 1, "head_dim": 8},
+    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "patch_size": 16, "projection_dim": 64},
 }
 
 _SIZES: dict[str, dict[str, Any]] = {
@@ -138,7 +131,6 @@ def build(variant: Variant, size: Size, *, seed: int = 0) -> PolicyBundle:
     if size == "tiny":
         spread_linear_weights(policy, seed=seed)
         perturb_parameters(policy, seed=seed)
-        setattr(policy, BUILTIN_ARCHITECTURE_ATTR, "tiny")
     policy.eval()
 
     features = {**config.input_features, **config.output_features}
@@ -158,79 +150,17 @@ def build(variant: Variant, size: Size, *, seed: int = 0) -> PolicyBundle:
                        postprocessor=postprocessor)
 
 
-@contextmanager
-def tiny_architecture(variant: Variant) -> Iterator[None]:
+def tiny_architecture(variant: Variant) -> AbstractContextManager[None]:
     """While active, ``PI0Policy``/``PI05Policy`` construct the tiny architecture (see module docstring).
 
-    Needed for every construction of a tiny policy, including ``from_pretrained`` of a saved one.
-    The originals are restored on exit, even on error. Not thread-safe: it swaps module globals, so
-    no other thread may build a pi0/pi0.5 of the same variant meanwhile.
+    Needed for every construction of a tiny unpruned policy, including ``from_pretrained`` of a saved
+    one (a pruned one records its dimensions and needs nothing). The originals are restored on exit,
+    even on error. Not thread-safe: it swaps module globals.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown pi variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    modeling = importlib.import_module(f"lerobot.policies.{variant}.modeling_{variant}")
-    gemma_config_cls = modeling.GemmaConfig  # LeRobot's openpi-style (width, depth, ...) record
-
-    def get_tiny_gemma_config(name: str) -> Any:
-        if name not in _TINY_GEMMA:
-            raise ValueError(f"Unknown variant: {name}")
-        return gemma_config_cls(**_TINY_GEMMA[name])
-
-    with _patched(
-        modeling,
-        get_gemma_config=get_tiny_gemma_config,
-        PaliGemmaForConditionalGenerationWithPiGemma=_shrink_before(
-            modeling.PaliGemmaForConditionalGenerationWithPiGemma, _shrink_paligemma_config
-        ),
-        PiGemmaForCausalLM=_shrink_before(modeling.PiGemmaForCausalLM, _shrink_expert_config),
-    ):
-        yield
-
-
-def builtin_architecture(policy: Any) -> str | None:
-    """``"tiny"`` if ``policy`` (a pi0/pi0.5, pruned or not) has the tiny architecture, None if LeRobot's stock one.
-
-    Measured from the HF configs the modules were built from (VLM, expert and SigLIP widths), so it
-    holds for any copy of the policy; the mark :func:`build` leaves on tiny policies is cross-checked.
-    Pruned policies (``pi0_pruned``/``pi05_pruned``) can also answer from
-    ``config.builtin_architecture``. Call it outside :func:`tiny_architecture` (it reads the stock
-    ``get_gemma_config``).
-    """
-    from transformers import CONFIG_MAPPING
-
-    config = policy.config
-    modeling = importlib.import_module(f"lerobot.policies.{_variant_of(config)}.modeling_{_variant_of(config)}")
-    pwe = policy.model.paligemma_with_expert
-    text, vision = pwe.paligemma.config.text_config, pwe.paligemma.config.vision_config
-    expert = pwe.gemma_expert.config
-    measured = (text.hidden_size, text.intermediate_size, expert.hidden_size, expert.intermediate_size,
-                vision.hidden_size)
-    vlm_name, expert_name = config.paligemma_variant, config.action_expert_variant
-    tiny = (_TINY_GEMMA[vlm_name]["width"], _TINY_GEMMA[vlm_name]["mlp_dim"], _TINY_GEMMA[expert_name]["width"],
-            _TINY_GEMMA[expert_name]["mlp_dim"], _TINY_VISION["hidden_size"])
-    stock_vlm, stock_expert = modeling.get_gemma_config(vlm_name), modeling.get_gemma_config(expert_name)
-    stock = (stock_vlm.width, stock_vlm.mlp_dim, stock_expert.width, stock_expert.mlp_dim,
-             CONFIG_MAPPING["paligemma"]().vision_config.hidden_size)
-    if measured == tiny:
-        found: str | None = "tiny"
-    elif measured == stock:
-        found = None
-    else:
-        raise ValueError(
-            f"{config.type} policy with (VLM width, VLM mlp, expert width, expert mlp, SigLIP width) = {measured}: "
-            f"neither LeRobot's stock architecture {stock} nor vlaprune's tiny one {tiny}"
-        )
-    marked = getattr(policy, BUILTIN_ARCHITECTURE_ATTR, found)
-    if marked != found:
-        raise ValueError(f"policy marked as built with the {marked!r} architecture has the shapes of {found!r}")
-    return found
-
-
-def _variant_of(config: Any) -> str:
-    """``"pi0"`` or ``"pi05"`` for a pi0/pi0.5 config (pruned types included)."""
-    from lerobot.policies.pi05.configuration_pi05 import PI05Config
-
-    return "pi05" if isinstance(config, PI05Config) else "pi0"
+    return build_architecture(variant, TINY_ARCHITECTURE, len(vocabulary()), _TINY_DEPTH,
+                              vlm_variant="gemma_2b", expert_variant="gemma_300m")
 
 
 def paligemma_tokenizer_dir(size: Size) -> Path:
@@ -280,41 +210,6 @@ def _make_tokenizer(max_length: int) -> Any:
         tokenizer_object=backend, pad_token=_PAD, eos_token=_EOS, bos_token=_BOS, unk_token=_UNK,
         model_max_length=max_length,
     )
-
-
-def _shrink_paligemma_config(config: Any) -> None:
-    """Shrink the ``PaliGemmaConfig`` filled in by LeRobot: tiny SigLIP, projector and vocabulary.
-
-    The language-model shapes already come from the tiny ``get_gemma_config``; ``image_size`` from
-    ``config.image_resolution``.
-    """
-    vision = config.vision_config
-    for key, value in _TINY_VISION.items():
-        setattr(vision, key, value)
-    if vision.image_size % vision.patch_size:
-        raise ValueError(f"image size {vision.image_size} is not a multiple of patch {vision.patch_size}")
-    width = config.text_config.hidden_size
-    config.projection_dim = vision.projection_dim = width  # projector: (vision hidden) -> (VLM width)
-    config.hidden_size = width
-    config.text_config.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
-    vocab_size = len(vocabulary())
-    config.vocab_size = config.text_config.vocab_size = vocab_size
-    config.image_token_index = vocab_size  # as stock: one past the text vocabulary, never embedded
-
-
-def _shrink_expert_config(config: Any) -> None:
-    """Shrink the expert's ``GemmaConfig`` vocabulary (its unused ``lm_head`` is sized by it)."""
-    config.vocab_size = len(vocabulary())
-
-
-def _shrink_before(cls: type, shrink: Callable[[Any], None]) -> Callable[..., Any]:
-    """A stand-in for ``cls(config=...)`` that edits the config in place, then builds ``cls``."""
-
-    def construct(config: Any, **kwargs: Any) -> Any:
-        shrink(config)
-        return cls(config, **kwargs)
-
-    return construct
 
 
 @contextmanager

@@ -1,46 +1,54 @@
-"""Shared by ``pi0_pruned`` and ``pi05_pruned``: config validation, construction and strict loading.
+"""Shared by every pruned type: a pruned config made from its source's, construction and strict loading.
 
 pi0 and pi0.5 take their depth from ``get_gemma_config`` (18 layers, not a config field), so a pruned
-policy is built as the stock structure and then cut: both stacks keep their first K modules, which
-were constructed with ``self_attn.layer_idx`` = 0..K-1 (exactly the renumbering the KV cache needs:
-expert layer i reads the cache slot of VLM layer i), and ``num_hidden_layers`` = K is set on every
-HF config that holds the depth (``PiGemmaModel.forward`` runs ``layers[:config.num_hidden_layers]``).
-The caller then loads the kept weights, renumbered 0..K-1.
+policy is built as the stock structure at the recorded dimensions (:mod:`.pi_architecture`) and then
+cut: both stacks keep their first K modules, which were constructed with ``self_attn.layer_idx`` =
+0..K-1 (exactly the renumbering the KV cache needs: expert layer i reads the cache slot of VLM layer
+i), and ``num_hidden_layers`` = K is set on every HF config that holds the depth
+(``PiGemmaModel.forward`` runs ``layers[:config.num_hidden_layers]``). The caller then loads the kept
+weights, renumbered 0..K-1.
 
 Loading is strict: LeRobot's ``PI0Policy.from_pretrained`` prints a warning and returns the policy
-with random layers when the state dict does not fit; here any missing, unexpected or reshaped tensor
-raises :class:`PrunedCheckpointError`.
+with random layers when the state dict does not fit; here any missing, unexpected or reshaped tensor,
+or a non-finite one, raises :class:`~.checks.PrunedCheckpointError`.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .checks import check_finite, check_kept_list, check_weights, get_path
+from .pi_architecture import EXPERT_MODEL, VLM_MODEL, build_architecture, check_architecture
+
 logger = logging.getLogger(__name__)
 
-# Dotted paths (from the policy) of the two ``PiGemmaModel``s whose ``layers`` are pruned in lockstep.
-VLM_MODEL = "model.paligemma_with_expert.paligemma.model.language_model"
-EXPERT_MODEL = "model.paligemma_with_expert.gemma_expert.model"
 STACK_MODELS = (VLM_MODEL, EXPERT_MODEL)
-
-# ``builtin_architecture`` values: None = LeRobot's stock architecture; "tiny" = built under
-# ``vlaprune.builtin.pi0.tiny_architecture`` (vlaprune's offline test models).
-BUILTIN_ARCHITECTURES: tuple[str | None, ...] = (None, "tiny")
-
 SAFETENSORS_FILE = "model.safetensors"
 
-class PrunedCheckpointError(ValueError):
-    """A pruned checkpoint whose tensors do not fit the policy its config builds."""
+
+def pruned_config[C](target: type[C], source: Any, **pruned_fields: Any) -> C:
+    """A ``target`` config (a pruned type) holding every field of the ``source`` config, deep-copied, and
+    ``pruned_fields`` (kept blocks, source depths, ...) on top."""
+    fields = dataclasses.fields(source)
+    values = {f.name: copy.deepcopy(getattr(source, f.name)) for f in fields
+              if f.init and f.name not in pruned_fields}
+    config = target(**values, **pruned_fields)
+    for f in fields:  # fields not set by __init__, if any
+        if not f.init and f.name not in pruned_fields:
+            setattr(config, f.name, copy.deepcopy(getattr(source, f.name)))
+    return config
 
 
-def validate_pruned_fields(config: Any) -> None:
-    """Check ``kept_layers``, ``source_num_layers`` and ``builtin_architecture`` of a pruned config.
+def validate_pi_fields(config: Any) -> None:
+    """Check ``kept_layers``, ``source_num_layers``, ``architecture`` and ``vocab_size`` of a pruned pi0 /
+    pi0.5 config.
 
     Called from the configs' ``__post_init__`` so a bad ``config.json`` or command-line override fails
     at parse time, naming the field and the fix, instead of building a wrong model.
@@ -48,49 +56,7 @@ def validate_pruned_fields(config: Any) -> None:
     name = type(config).__name__
     config.kept_layers = check_kept_list(f"{name}.kept_layers", config.kept_layers,
                                          f"{name}.source_num_layers", config.source_num_layers)
-    if config.builtin_architecture not in BUILTIN_ARCHITECTURES:
-        raise ValueError(
-            f"{name}.builtin_architecture={config.builtin_architecture!r}: must be null (LeRobot's stock "
-            "architecture) or \"tiny\" (vlaprune's offline tiny architecture)"
-        )
-
-
-def check_kept_list(what: str, kept: Any, depth_field: str, depth: Any) -> list[int]:
-    """``kept`` as a list of sorted, unique ORIGINAL indices in ``range(depth)``, or a ValueError
-    naming the field (``what``) and the fix."""
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(f"{depth_field}={depth!r}: must be a positive integer, the depth of the unpruned source")
-    if not isinstance(kept, list | tuple) or not kept:
-        raise ValueError(
-            f"{what}={kept!r}: list the ORIGINAL indices (0..{depth - 1}) of the source blocks to keep, "
-            "e.g. [0, 1, 2, 5]; vlaprune's surgery writes this list"
-        )
-    bad = [i for i in kept if isinstance(i, bool) or not isinstance(i, int)]
-    if bad:
-        raise ValueError(f"{what} holds non-integers {bad}: give original block indices as integers")
-    outside = [i for i in kept if not 0 <= i < depth]
-    if outside:
-        raise ValueError(
-            f"{what}={list(kept)} has {outside} outside range({depth}) ({depth_field}={depth}): "
-            "use indices of the unpruned source, or set the source depth"
-        )
-    duplicates = sorted({i for i in kept if list(kept).count(i) > 1})
-    if duplicates:
-        raise ValueError(f"{what}={list(kept)} repeats {duplicates}: each source block is kept once")
-    if list(kept) != sorted(kept):
-        raise ValueError(
-            f"{what}={list(kept)} is not sorted: kept blocks stay in their original order, write {sorted(kept)}"
-        )
-    return list(kept)
-
-
-def architecture(config: Any, variant: str) -> AbstractContextManager[Any]:
-    """The context under which the stock ``PI0Policy``/``PI05Policy`` builds ``config``'s architecture."""
-    if config.builtin_architecture == "tiny":
-        from vlaprune.models.builtin.pi0 import tiny_architecture
-
-        return tiny_architecture(variant)  # type: ignore[arg-type]
-    return nullcontext()
+    check_architecture(name, config.architecture, config.vocab_size)
 
 
 def cut_stacks(policy: nn.Module, config: Any) -> None:
@@ -104,24 +70,21 @@ def cut_stacks(policy: nn.Module, config: Any) -> None:
     """
     keep = len(config.kept_layers)
     for path in STACK_MODELS:
-        model = _resolve(policy, path)
+        model = get_path(policy, path)
         layers = model.layers
         if len(layers) != config.source_num_layers:
-            raise ValueError(
-                f"{type(config).__name__}.source_num_layers={config.source_num_layers}, but the "
-                f"{config.builtin_architecture or 'stock'} architecture builds {len(layers)} layers at {path}: "
-                "set source_num_layers to the depth of the unpruned source (and builtin_architecture to match it)"
-            )
+            raise ValueError(f"{type(config).__name__}.source_num_layers={config.source_num_layers}, but "
+                             f"{len(layers)} layers were built at {path}")
         del layers[keep:]
         for new_idx, layer in enumerate(layers):
             assert layer.self_attn.layer_idx == new_idx, (path, new_idx, layer.self_attn.layer_idx)
-    pwe = _resolve(policy, "model.paligemma_with_expert")
+    pwe = get_path(policy, "model.paligemma_with_expert")
     configs = [
         pwe.paligemma.config.text_config,
         pwe.paligemma.model.config.text_config,
-        _resolve(policy, VLM_MODEL).config,
+        get_path(policy, VLM_MODEL).config,
         pwe.gemma_expert.config,
-        _resolve(policy, EXPERT_MODEL).config,
+        get_path(policy, EXPERT_MODEL).config,
     ]
     for hf_config in {id(c): c for c in configs}.values():
         hf_config.num_hidden_layers = keep
@@ -174,27 +137,14 @@ def load_pretrained_strict[P: nn.Module](
         )
     policy = cls(config, **kwargs)
     weights = _weights_file(pretrained_name_or_path, hub)
-    check_checkpoint(policy, weights)
-    # strict=True here as well: load_model raises on anything check_checkpoint could have missed
+    check_weights(policy, weights, f"the {config.type} policy its config builds")
+    # strict=True here as well: load_model raises on anything check_weights could have missed
     load_model(policy, str(weights), strict=True, device=resolve_safetensors_device(config.device))
+    check_finite(policy, pretrained_name_or_path)
     policy.to(config.device)
     policy.eval()
     logger.info("loaded %s from %s", config.type, pretrained_name_or_path)
     return policy
-
-
-def check_checkpoint(policy: nn.Module, weights: Path) -> None:
-    """Raise :class:`PrunedCheckpointError` unless ``weights`` covers ``policy``'s state dict exactly
-    (tied weights saved once count as present)."""
-    from vlaprune.models.loading import weight_mismatch
-
-    problem = weight_mismatch(policy, weights)
-    if problem:
-        raise PrunedCheckpointError(
-            f"{weights} does not match the {getattr(policy.config, 'type', '')} policy its config builds: "
-            f"{problem}. Loading it would leave random or wrong layers; check the kept blocks and source depths "
-            "in config.json against the tensors (blocks must be numbered 0..K-1)"
-        )
 
 
 def _weights_file(pretrained_name_or_path: str | Path, hub: dict[str, Any]) -> Path:
@@ -207,13 +157,6 @@ def _weights_file(pretrained_name_or_path: str | Path, hub: dict[str, Any]) -> P
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(repo_id=str(pretrained_name_or_path), filename=SAFETENSORS_FILE, **hub))
-
-
-def _resolve(root: nn.Module, dotted: str) -> Any:
-    obj: Any = root
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class StrictLoadMixin:
@@ -248,14 +191,15 @@ class StrictLoadMixin:
 class PrunedPolicyMixin(StrictLoadMixin):
     """What makes ``PI0PrunedPolicy`` / ``PI05PrunedPolicy`` pruned; mixed in before the stock policy class.
 
-    Construction builds the stock structure under the recorded architecture, then cuts both stacks to
-    the kept layers; ``from_pretrained`` loads strictly. Training, ``select_action`` and processors
-    stay the stock ones.
+    Construction builds the stock structure at the recorded dimensions, then cuts both stacks to the
+    kept layers; ``from_pretrained`` loads strictly. Training, ``select_action`` and processors stay
+    the stock ones.
     """
 
-    variant: str  # "pi0" or "pi05": which architecture patch a tiny built-in needs
+    variant: str  # "pi0" or "pi05": which LeRobot modeling module builds it
 
     def __init__(self, config: Any, **kwargs: Any) -> None:
-        with architecture(config, self.variant):
+        with build_architecture(self.variant, config.architecture, config.vocab_size, config.source_num_layers,
+                                config.paligemma_variant, config.action_expert_variant):
             super().__init__(config, **kwargs)  # type: ignore[call-arg]
         cut_stacks(self, config)  # type: ignore[arg-type]
