@@ -11,13 +11,13 @@ export MPLBACKEND := Agg
 $(PY):
 	@python=$$(scripts/find-python.sh) && echo "creating $(VENV) with $$python" && "$$python" -m venv $(VENV)
 
-# LeRobot discovers installed lerobot_policy_* distributions: the plugin holds the pruned pi0 / pi0.5 types
+# LeRobot discovers installed lerobot_policy_* distributions: the plugin holds the pruned pi0 / pi0.5 /
+# GR00T types; vlaprune depends on it, and one pip call installs both from here
 PLUGIN := plugins/lerobot_policy_vlaprune
 
 $(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[lerobot,dev,metaworld]'
-	$(PY) -m pip install --quiet -e $(PLUGIN) --no-deps
+	$(PY) -m pip install --quiet -e $(PLUGIN) -e '.[lerobot,dev,metaworld]'
 	$(PY) -m pip download --quiet --no-deps lerobot==0.5.1 -d $(VENV)/vlaprune-n15  # GR00T N1.5's model code (vlaprune.families.isaac_n15)
 	@touch $(STAMP)
 

@@ -8,6 +8,7 @@ import pytest
 
 from vlaprune.core.family import Family, RoleRule, StackSpec, register_family, resolve
 from vlaprune.families import family_for, supported_types
+from vlaprune.families.smolvla import SMOLVLA
 
 from .conftest import TINY_SPECS
 
@@ -20,7 +21,7 @@ def test_supported_types_and_unknown_type_lists_them():
 
 def test_duplicate_registration_raises():
     fam = Family(name="dup", policy_types=("smolvla",), stacks=(StackSpec("a", "x", "y"),),
-                 prefix_stacks=("a",), expert_stacks=())
+                 prefix_stacks=("a",), expert_stacks=(), runner=SMOLVLA.runner, surgeon=SMOLVLA.surgeon)
     with pytest.raises(ValueError, match="already handled"):
         register_family(fam)
 
@@ -28,7 +29,7 @@ def test_duplicate_registration_raises():
 def test_family_rejects_unknown_stack_names():
     with pytest.raises(ValueError, match="unknown stacks"):
         Family(name="bad", policy_types=("x",), stacks=(StackSpec("a", "x", "y"),),
-               prefix_stacks=("a",), expert_stacks=("b",))
+               prefix_stacks=("a",), expert_stacks=("b",), runner=SMOLVLA.runner, surgeon=SMOLVLA.surgeon)
 
 
 def test_role_rule_by_residue_and_config_predicate():

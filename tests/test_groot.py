@@ -123,7 +123,7 @@ def test_prune_half_depth_gives_a_verified_checkpoint_that_reloads_identically(t
 
 def test_plans_that_break_groot_rules_are_refused(tmp_path):
     ok = {"llm": [0, 1, 2, 5], "vl_self_attention": [0, 1, 2, 3], "dit": [0, 1, 2, 3]}
-    assert run_prune(_cfg(tmp_path / "ok", kept=ok)).manifest["method"] == "manual"
+    assert run_prune(_cfg(tmp_path / "ok", kept=ok)).manifest.method == "manual"
     text_image_swap = {**ok, "dit": [2, 3, 4, 5]}  # block 2 attends to image tokens, position 0 to text
     with pytest.raises(ValueError, match="role rule broken: original block 2 \\('cross-image'\\)"):
         run_prune(_cfg(tmp_path / "bad", kept=text_image_swap))
@@ -141,7 +141,7 @@ def test_deepstack_layers_can_be_removed_knowingly(tmp_path, tiny):
     with pytest.raises(ValueError, match="protections: deepstack"):
         run_prune(_cfg(tmp_path / "no", kept=kept, allow=["vision"]))
     result = run_prune(_cfg(tmp_path / "p", kept=kept, allow=["deepstack"]))
-    assert result.manifest["verify"]["chunk_max_abs_diff"] < 1e-4
+    assert result.manifest.verify["chunk_max_abs_diff"] < 1e-4
     assert json.loads((tmp_path / "p" / "config.json").read_text())["deepstack_moved"] is True
     source = tiny(SPEC)
     data = batch(source)
@@ -154,9 +154,9 @@ def test_deepstack_layers_can_be_removed_knowingly(tmp_path, tiny):
     assert not torch.allclose(skipped[1], reloaded[1], atol=1e-4)
     # a budget may now take deepstack layers too; and with as many layers kept as there are features,
     # the last one's feature is added after the layer the action head reads: not seen (verified)
-    assert run_prune(_cfg(tmp_path / "r", keep={"llm": 2}, allow=["deepstack"])).manifest["verify"][
+    assert run_prune(_cfg(tmp_path / "r", keep={"llm": 2}, allow=["deepstack"])).manifest.verify[
         "loss_max_abs_diff"] < 1e-4
-    assert run_prune(_cfg(tmp_path / "k", keep={"llm": 3})).manifest["stacks"]["llm"]["kept"] == [0, 1, 2]
+    assert run_prune(_cfg(tmp_path / "k", keep={"llm": 3})).manifest.kept()["llm"] == [0, 1, 2]
 
 
 def test_a_text_image_swap_is_invisible_to_shapes_but_not_to_verification(tiny, monkeypatch):

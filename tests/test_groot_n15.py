@@ -119,7 +119,7 @@ def test_the_papers_plan_gives_an_isaac_checkpoint_the_n15_loader_reads(tmp_path
 
 def test_planned_half_depth_keeps_dit_roles(tmp_path):
     result = run_prune(_cfg(tmp_path / "p"))
-    kept = {n: s["kept"] for n, s in result.manifest["stacks"].items()}
+    kept = result.manifest.kept()
     assert {n: len(k) for n, k in kept.items()} == {n: d // 2 for n, d in DEPTHS.items()}
     assert all(k % 2 == j % 2 for j, k in enumerate(kept["dit"]))  # self stays odd, cross even
 

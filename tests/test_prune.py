@@ -11,6 +11,7 @@ import torch
 from vlaprune import load_policy
 from vlaprune.cli import main
 from vlaprune.families import family_for
+from vlaprune.io.manifest import Manifest, read_manifest
 from vlaprune.pipelines.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
 from vlaprune.pipelines.prune import run_prune
 from vlaprune.studies.train import lerobot_train
@@ -64,19 +65,19 @@ def test_prune_writes_a_checkpoint_that_reloads_identically(tmp_path, spec):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_gives_a_verified_checkpoint(tmp_path, spec, method):
     result = run_prune(_cfg(tmp_path / method, spec, method=method, refine=0))
-    assert result.manifest["method"] == method
-    assert result.manifest["verify"]["chunk_max_abs_diff"] < 1e-4
+    assert result.manifest.method == method
+    assert result.manifest.verify["chunk_max_abs_diff"] < 1e-4
     reloaded = load_policy(str(result.out))
     assert family_for(reloaded.policy).depths(reloaded.policy) == {"vlm": 4, "expert": 4}
     if spec == "tiny:smolvla":
-        kept = result.manifest["stacks"]["expert"]["kept"]
+        kept = result.manifest.kept()["expert"]
         roles = ["self" if i % 2 == 0 else "cross" for i in range(8)]
         assert [roles[k] for k in kept] == roles[: len(kept)]  # every kept block keeps its role
 
 
 def test_refine_records_candidates_and_keeps_the_least_damaging(tmp_path):
     result = run_prune(_cfg(tmp_path / "p", refine=4))
-    candidates = result.manifest["candidates"]
+    candidates = result.manifest.candidates
     assert 2 <= len(candidates) <= 4
     chosen = [c for c in candidates if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["damage"] == min(c["damage"] for c in candidates)
@@ -85,7 +86,7 @@ def test_refine_records_candidates_and_keeps_the_least_damaging(tmp_path):
 def test_explicit_plan_and_bad_plans(tmp_path):
     kept = {"vlm": [0, 1, 2, 3, 4, 7], "expert": [0, 1, 2, 3, 4, 7]}
     result = run_prune(_cfg(tmp_path / "ok", kept=kept))
-    assert result.manifest["method"] == "manual" and result.manifest["stacks"]["vlm"]["kept"] == kept["vlm"]
+    assert result.manifest.method == "manual" and result.manifest.kept()["vlm"] == kept["vlm"]
     bad = {"vlm": [0, 2, 3, 5], "expert": [0, 2, 3, 5]}  # block 2 (self) would land at position 1 (cross)
     with pytest.raises(ValueError, match="role"):
         run_prune(_cfg(tmp_path / "bad", kept=bad))
@@ -111,10 +112,25 @@ def test_manifest_that_disagrees_with_weights_is_refused(tmp_path):
     run_prune(_cfg(tmp_path / "p"))
     path = tmp_path / "p" / "prune_manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["stacks"]["vlm"]["kept"] = [0, 1, 2]
+    vlm = manifest["stacks"]["vlm"]
+    vlm.update(kept=[0, 1, 2], kept_original=[0, 1, 2], removed=list(range(3, vlm["source_num_layers"])))
     path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="do not belong to this manifest"):
         load_policy(str(tmp_path / "p"))
+    vlm["kept"] = [0, 1]  # kept and removed no longer split the source's blocks
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"kept \[0, 1\] and removed .* do not split range\(8\)"):
+        load_policy(str(tmp_path / "p"))
+    manifest["surprise"] = 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"unknown keys \['surprise'\]"):
+        load_policy(str(tmp_path / "p"))
+
+
+def test_manifest_round_trips(tmp_path):
+    result = run_prune(_cfg(tmp_path / "p"))
+    assert Manifest.from_json(result.manifest.to_json()) == result.manifest
+    assert read_manifest(tmp_path / "p") == result.manifest
 
 
 @pytest.mark.timeout(600)
@@ -152,5 +168,5 @@ def test_reusing_analysis_json_gives_the_same_plan(tmp_path):
     cfg = _cfg(tmp_path / "reused", refine=0)
     cfg.analysis = str(tmp_path / "a" / "analysis.json")
     reused = run_prune(cfg)
-    assert reused.manifest["stacks"] == fresh.manifest["stacks"]
-    assert reused.manifest["calibration"]["analysis"] == cfg.analysis
+    assert reused.manifest.stacks == fresh.manifest.stacks
+    assert reused.manifest.calibration["analysis"] == cfg.analysis

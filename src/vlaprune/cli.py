@@ -72,6 +72,7 @@ def _prune(args: list[str]) -> int:
     import draccus
     from tqdm import tqdm
 
+    from vlaprune.families import family_for
     from vlaprune.io.report import prune_summary
     from vlaprune.pipelines.config import PruneConfig
     from vlaprune.pipelines.prune import run_prune
@@ -81,10 +82,7 @@ def _prune(args: list[str]) -> int:
     with tqdm(total=total, desc="calibration batches", unit="batch", disable=not sys.stderr.isatty()) as bar:
         result = run_prune(cfg, on_batch=bar.update)
     print(prune_summary(result.manifest))
-    if result.manifest["family"] == "groot_n15":  # Isaac-GR00T layout, not a LeRobot policy directory
-        print(f"\nwrote {result.out} (Isaac-GR00T N1.5 layout: GR00T_N1_5.from_pretrained('{result.out}'))")
-    else:
-        print(f"\nwrote {result.out} (train it with: lerobot-train --policy.path={result.out} ...)")
+    print(f"\nwrote {result.out} ({family_for(result.manifest.family).load_hint.format(path=result.out)})")
     return 0
 
 

@@ -139,8 +139,6 @@ def collect_residuals(
     them before the next phase: memory holds one phase of one batch, whatever the number of batches.
     """
     runner = family.runner
-    if runner is None:
-        raise ValueError(f"family {family.name!r} has no forward runner; capture is not available")
     with ExitStack() as stack:
         recorders = {
             spec.name: stack.enter_context(ResidualRecorder(policy, spec, family.layers(policy, spec.name)))

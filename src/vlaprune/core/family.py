@@ -215,6 +215,8 @@ class Family:
     stacks: tuple[StackSpec, ...]
     prefix_stacks: tuple[str, ...]  # stacks that run in the prefix pass
     expert_stacks: tuple[str, ...]  # stacks that run once per flow timestep
+    runner: FlowRunner  # drives the family's forward passes (calibration, loss, action chunk)
+    surgeon: Surgeon  # expresses a pruned policy of the family (config + fresh policy)
     lockstep: tuple[tuple[str, ...], ...] = ()  # stacks that must lose the same indices
     role_rules: tuple[RoleRule, ...] = ()
     protections: tuple[Protection, ...] = ()
@@ -222,12 +224,12 @@ class Family:
     # modules of the VLM backbone (vision encoder, connector, language model): what LeRobot's
     # ``train_expert_only`` freezes; everything else is the action head
     backbone: tuple[str, ...] = ()
-    runner: FlowRunner | None = None
-    surgeon: Surgeon | None = None
     # ``reference(policy, kept)``: a context in which the source, with the removed blocks skipped,
     # computes what the pruned policy computes where pruning changes more than skipping (GR00T N1.7
     # with deepstack layers removed: the features enter the kept layers at their new positions)
     reference: Callable[[Any, Mapping[str, Sequence[int]]], AbstractContextManager[None]] | None = None
+    # how a user loads a pruned checkpoint of this family ({path} = the checkpoint directory)
+    load_hint: str = "train it: lerobot-train --policy.path={path} ...; evaluate it: lerobot-eval --policy.path={path}"
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stacks]
@@ -352,24 +354,18 @@ def check_positions(what: str, positions: Sequence[int], depth: int) -> None:
                          "this policy")
 
 
-def _runner(family: Family) -> FlowRunner:
-    if family.runner is None:
-        raise ValueError(f"family {family.name!r} has no forward runner")
-    return family.runner
-
-
 @torch.no_grad()
 def flow_loss(family: Family, policy: Any, batch: dict[str, Any], noise: Tensor, time: Tensor) -> Tensor:
     """The family's per-element flow-matching training loss (batch, chunk, action dim), fixed noise/time."""
-    return _runner(family).flow_loss(policy, batch, noise, time)
+    return family.runner.flow_loss(policy, batch, noise, time)
 
 
 @torch.no_grad()
 def action_chunk(family: Family, policy: Any, batch: dict[str, Any], noise: Tensor) -> Tensor:
     """A sampled action chunk (batch, chunk, action dim) from fixed noise: prefix + all denoising steps."""
-    return _runner(family).chunk(policy, batch, noise)
+    return family.runner.chunk(policy, batch, noise)
 
 
 def noise_shape(family: Family, policy: Any, batch: dict[str, Any]) -> tuple[int, int, int]:
     """(batch, chunk, padded action dim): the shape of the noise ``action_chunk`` takes for ``batch``."""
-    return _runner(family).action_shape(policy, batch)
+    return family.runner.action_shape(policy, batch)

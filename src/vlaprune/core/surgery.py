@@ -63,8 +63,6 @@ def remove_blocks(
     timing: no second copy of the weights, but training one trains the other). The result must hold
     exactly the source's renumbered state dict, names and shapes, or this raises.
     """
-    if family.surgeon is None:
-        raise ValueError(f"family {family.name!r} cannot be pruned yet (no surgeon)")
     depths = family.depths(policy)
     missing = set(depths) - set(kept)
     if missing:

@@ -100,6 +100,7 @@ GROOT_N15 = register_family(
             "the action head reads the final norm of the last kept language layer",
         ),
         backbone=("model.backbone",),
+        load_hint="Isaac-GR00T N1.5 layout, not a LeRobot policy directory: GR00T_N1_5.from_pretrained('{path}')",
         runner=GrootN15Runner(),
         surgeon=GrootN15Surgeon(),
     )

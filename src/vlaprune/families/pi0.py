@@ -22,7 +22,6 @@ from vlaprune.core.family import (
     ModelForwardRunner,
     PrefixPass,
     StackSpec,
-    Surgeon,
     check_positions,
     family_for,
     register_family,
@@ -83,9 +82,7 @@ class PiRunner(ModelForwardRunner):
         )
 
 
-def _pi_family(
-    name: str, state_in_suffix: bool, expert_note: str, policy_types: tuple[str, ...], surgeon: Surgeon | None = None
-) -> Family:
+def _pi_family(name: str, state_in_suffix: bool, expert_note: str, policy_types: tuple[str, ...]) -> Family:
     return Family(
         name=name,
         policy_types=policy_types,
@@ -103,7 +100,7 @@ def _pi_family(
         ),
         backbone=("model.paligemma_with_expert.paligemma",),
         runner=PiRunner(state_in_suffix=state_in_suffix),
-        surgeon=surgeon,
+        surgeon=PiSurgeon(),
     )
 
 
@@ -151,9 +148,8 @@ class PiSurgeon:
 
 
 PI0 = register_family(
-    _pi_family("pi0", True, "Gemma 300M action-expert layers", ("pi0", "pi0_pruned"), surgeon=PiSurgeon())
+    _pi_family("pi0", True, "Gemma 300M action-expert layers", ("pi0", "pi0_pruned"))
 )
 PI05 = register_family(
-    _pi_family("pi05", False, "Gemma 300M action-expert layers with AdaRMS norms", ("pi05", "pi05_pruned"),
-               surgeon=PiSurgeon())
+    _pi_family("pi05", False, "Gemma 300M action-expert layers with AdaRMS norms", ("pi05", "pi05_pruned"))
 )

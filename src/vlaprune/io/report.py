@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vlaprune.io.analysis import Analysis, StackAnalysis
+from vlaprune.io.manifest import Manifest
 
 
 def plot_cka_heatmap(stack: StackAnalysis, title: str, path: Path) -> None:
@@ -75,29 +76,30 @@ def write_analysis(analysis: Analysis, directory: Path) -> list[Path]:
     return files
 
 
-def prune_summary(manifest: dict[str, Any]) -> str:
+def prune_summary(manifest: Manifest) -> str:
     """The plan per stack, the candidates weighed, sizes and the FLOP-predicted speed-up."""
-    lines = [f"{manifest['source']} ({manifest['family']}) → {manifest['policy_type']}, plan: {manifest['method']}"]
-    for name, stack in manifest["stacks"].items():
-        kept, total = len(stack["kept"]), stack["source_num_layers"]
-        lines.append(f"  {name:<8} keep {kept:>2}/{total:<2} {stack['kept']}  removed {stack['removed']}")
+    lines = [f"{manifest.source} ({manifest.family}) → {manifest.policy_type}, plan: {manifest.method}"]
+    for name, stack in manifest.stacks.items():
+        lines.append(f"  {name:<8} keep {len(stack.kept):>2}/{stack.source_num_layers:<2} {list(stack.kept)}  "
+                     f"removed {list(stack.removed)}")
     lines.append(f"  {'method':<10}{'cka-dp cost':>12}{'damage':>10}")
-    for cand in manifest["candidates"]:
+    for cand in manifest.candidates:
         damage = "-" if cand.get("damage") is None else f"{cand['damage']:.4f}"
         mark = "  <- chosen" if cand.get("chosen") else ""
         seed = cand.get("details", {}).get("seed")
         label = cand["method"] if seed is None else f"{cand['method']} s{seed}"
         lines.append(f"  {label:<10}{cand['cost']:>12.4f}{damage:>10}{mark}")
-    params = manifest["parameters"]
-    flops = manifest["chunk_linear_flops"]
+    params, flops = manifest.parameters, manifest.chunk_linear_flops
     lines.append(
         f"parameters {params['source']['total'] / 1e6:.2f}M → {params['pruned']['total'] / 1e6:.2f}M; "
         f"linear FLOPs of one action chunk {flops['source'] / 1e9:.3g} → {flops['pruned'] / 1e9:.3g} GFLOP "
         f"(predicted time ratio {flops['predicted_time_ratio']:.2f})"
     )
-    verify = manifest["verify"]
+    verify = manifest.verify
     lines.append(f"verified against the source with the removed blocks skipped: max |diff| loss "
                  f"{verify['loss_max_abs_diff']:.2e}, action chunk {verify['chunk_max_abs_diff']:.2e}")
+    if manifest.removed_nothing():
+        lines.append("no block was removed: this checkpoint computes exactly what its source computes")
     return "\n".join(lines)
 
 

@@ -131,12 +131,12 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
             raise ValueError(f"{cfg.pruned.path} is a {family_for(pruned).name} policy, {cfg.policy.path} a "
                              f"{family.name} one: compare a policy with its own pruned checkpoint")
         depths = family.depths(full)
-        for name, stack in manifest["stacks"].items():
-            if stack["source_num_layers"] != depths[name]:
-                raise ValueError(f"{cfg.pruned.path} was pruned from a {stack['source_num_layers']}-block {name} "
-                                 f"stack; {cfg.policy.path} has {depths[name]}")
-        kept = {name: stack["kept"] for name, stack in manifest["stacks"].items()}
-        method = manifest["method"]
+        for name, depth in manifest.source_depths().items():
+            if depth != depths[name]:
+                raise ValueError(f"{cfg.pruned.path} was pruned from a {depth}-block {name} stack; "
+                                 f"{cfg.policy.path} has {depths[name]}")
+        kept = manifest.kept()
+        method = manifest.method
     else:
         stacks = compute_stack_cka(full, batches(cfg.calibration.num_samples, cfg.calibration.seed),
                                    family=family, cka=cfg.cka.config(), capture=cfg.calibration.capture())

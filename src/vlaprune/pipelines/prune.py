@@ -20,7 +20,7 @@ from vlaprune.core.surgery import remove_blocks
 from vlaprune.core.verify import PlanDamage, verify_pruned
 from vlaprune.families import family_for
 from vlaprune.io.calibration import CalibrationConfig, calibration_batches, describe_calibration
-from vlaprune.io.manifest import original_indices, read_manifest, save_pruned
+from vlaprune.io.manifest import Manifest, StackRecord, original_indices, read_manifest, save_pruned
 from vlaprune.io.outputs import prepare_output_dir
 from vlaprune.io.provenance import library_versions
 from vlaprune.models.loading import is_builtin, load_policy
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 class PruneResult:
     out: Path
     plan: Plan
-    manifest: dict[str, Any]
+    manifest: Manifest
     pruned: Any  # the in-memory pruned policy that was saved
 
 
@@ -84,33 +84,36 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
     source_manifest = read_manifest(Path(cfg.policy.path)) if Path(cfg.policy.path).is_dir() else None
     kept_original = original_indices(source_manifest, kept)
     depths = family.depths(source)
-    manifest: dict[str, Any] = {
-        "family": family.name,
-        "policy_type": policy_type(pruned),
-        "source": cfg.policy.path,
-        "method": plan.method,
-        "requested_method": "manual" if cfg.plan.kept is not None else cfg.plan.method,
-        "stacks": {
-            name: {
-                "kept": kept[name],
-                "removed": [i for i in range(depths[name]) if i not in kept[name]],
-                "source_num_layers": depths[name],
-                "kept_original": kept_original[name],
-            }
-            for name in depths
-        },
-        "plan": plan.to_json(),
-        "candidates": candidates,
-        "verify": report.to_json(),
-        "parameters": {"source": parameter_counts(source), "pruned": parameter_counts(pruned)},
-        "chunk_linear_flops": {"source": flops_full, "pruned": flops_pruned,
-                               "predicted_time_ratio": flops_pruned / flops_full},
-        "calibration": {**describe_calibration(cfg.dataset.repo_id, cfg.dataset.root, calib),
-                        "holdout_samples": cfg.holdout_samples, "analysis": cfg.analysis},
-        "settings": {**settings_dict(cka, capture), "budget": {"ratio": cfg.plan.ratio, "keep": cfg.plan.keep,
-                     "threshold": cfg.plan.threshold}, "refine": cfg.plan.refine, "protect": cfg.plan.protect,
-                     "allow": cfg.plan.allow, "tolerance": cfg.tolerance},
-        "versions": library_versions(),
-    }
+    manifest = Manifest(
+        family=family.name,
+        policy_type=policy_type(pruned),
+        source=cfg.policy.path,
+        method=plan.method,
+        requested_method="manual" if cfg.plan.kept is not None else cfg.plan.method,
+        stacks={name: StackRecord(kept=tuple(kept[name]), removed=tuple(i for i in range(depths[name])
+                                                                        if i not in kept[name]),
+                                  source_num_layers=depths[name], kept_original=tuple(kept_original[name]))
+                for name in depths},
+        plan=plan.to_json(),
+        candidates=tuple(candidates),
+        verify=report.to_json(),
+        parameters={"source": parameter_counts(source), "pruned": parameter_counts(pruned)},
+        chunk_linear_flops={"source": flops_full, "pruned": flops_pruned,
+                            "predicted_time_ratio": flops_pruned / flops_full},
+        calibration={**describe_calibration(cfg.dataset.repo_id, cfg.dataset.root, calib),
+                     "holdout_samples": cfg.holdout_samples, "analysis": cfg.analysis},
+        settings={**settings_dict(cka, capture), "budget": {"ratio": cfg.plan.ratio, "keep": cfg.plan.keep,
+                  "threshold": cfg.plan.threshold}, "refine": cfg.plan.refine, "protect": cfg.plan.protect,
+                  "allow": cfg.plan.allow, "tolerance": cfg.tolerance},
+        versions=library_versions(),
+    )
+    if manifest.removed_nothing():
+        logger.warning("the plan removes no block (%s): the checkpoint written to %s computes exactly what %s "
+                       "computes", _budget_text(cfg), out, cfg.policy.path)
     save_pruned(pruned, bundle, manifest, out, overwrite=cfg.overwrite)
     return PruneResult(out=out, plan=plan, manifest=manifest, pruned=pruned)
+
+
+def _budget_text(cfg: PruneConfig) -> str:
+    budget = {"ratio": cfg.plan.ratio, "keep": cfg.plan.keep, "threshold": cfg.plan.threshold, "kept": cfg.plan.kept}
+    return ", ".join(f"--plan.{name}={value}" for name, value in budget.items() if value is not None)
