@@ -92,6 +92,19 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["frobnicate"]) == 2
 
 
+def test_a_missing_dataset_root_is_named(tmp_path, capsys):
+    args = ["analyze", "--policy.path=tiny:pi0", "--dataset.repo_id=local/x", f"--out={tmp_path}/o"]
+    assert main([*args, f"--dataset.root={tmp_path}/nonexistent"]) == 1
+    err = capsys.readouterr().err
+    assert f"--dataset.root={tmp_path}/nonexistent does not exist" in err and "Traceback" not in err
+    (tmp_path / "empty").mkdir()
+    assert main([*args, f"--dataset.root={tmp_path}/empty"]) == 1
+    assert "holds no LeRobotDataset (no meta/info.json)" in capsys.readouterr().err
+    assert main(args) == 1  # no root: a hub dataset, and the hub is offline
+    assert "'local/x' is not on this machine and the hub is offline" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_lerobot_dataset_calibration(tmp_path):
     root = tmp_path / "ds"
     make_dataset(root)

@@ -65,3 +65,24 @@ def test_unsupported_policy_type_lists_supported(tmp_path):
     ACTConfig().save_pretrained(directory)
     with pytest.raises(ValueError, match=r"supported types: .*smolvla"):
         load_policy(str(directory))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_checkpoint_with_non_finite_weights_is_refused_naming_the_tensor(tmp_path, bad):
+    from vlaprune.pipelines.config import DatasetArgs, PolicyArgs, PruneConfig
+    from vlaprune.pipelines.prune import run_prune
+
+    source = load_policy("tiny:smolvla")
+    directory = tmp_path / "ckpt"
+    _save(source, directory)
+    weights = load_file(directory / "model.safetensors")
+    key = next(k for k in weights if k.endswith("lm_expert.layers.3.mlp.down_proj.weight"))
+    weights[key][0, 0] = bad
+    save_file(weights, directory / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"tensor '{key}' holds 1 NaN or Inf value"):
+        load_policy(str(directory))
+    cfg = PruneConfig(policy=PolicyArgs(path=str(directory)), dataset=DatasetArgs(repo_id="local/x"), ratio=0.5,
+                      out=str(tmp_path / "p"))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run_prune(cfg)
+    assert not (tmp_path / "p").exists()

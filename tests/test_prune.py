@@ -170,3 +170,13 @@ def test_reusing_analysis_json_gives_the_same_plan(tmp_path):
     reused = run_prune(cfg)
     assert reused.manifest.stacks == fresh.manifest.stacks
     assert reused.manifest.calibration["analysis"] == cfg.analysis
+
+
+def test_a_plan_that_removes_nothing_says_so(tmp_path, caplog, capsys):
+    with caplog.at_level("WARNING", logger="vlaprune.pipelines.prune"):
+        result = run_prune(_cfg(tmp_path / "p", ratio=0.0))
+    assert result.manifest.removed_nothing()
+    assert "the plan removes no block (--plan.ratio=0.0)" in caplog.text
+    assert main(["prune", "--policy.path=tiny:smolvla", "--dataset.repo_id=synthetic", "--ratio=0",
+                 "--calibration.num_samples=2", "--holdout_samples=1", f"--out={tmp_path}/cli"]) == 0
+    assert "no block was removed: this checkpoint computes exactly what its source computes" in capsys.readouterr().out

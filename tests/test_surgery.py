@@ -8,7 +8,9 @@ import torch
 from vlaprune import load_policy
 from vlaprune.core.surgery import remove_blocks, renumber_state_dict, skip_blocks
 from vlaprune.families import family_for
+from vlaprune.io.calibration import CalibrationConfig
 
+from .conftest import TINY_SPECS
 from .flow import batch, loss_and_chunk
 
 # roles of tiny:smolvla's expert alternate self/cross: each kept block keeps its role at its new position
@@ -92,3 +94,21 @@ def test_shared_weights_view_equals_copy_and_shares_storage(tiny, spec):
     data = batch(bundle)
     for a, b in zip(loss_and_chunk(view, data), loss_and_chunk(copy, data), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec", [*TINY_SPECS, "tiny:groot", "tiny:groot_n15"])
+def test_a_plan_keeping_every_block_equals_the_source_exactly(tiny, spec):
+    """Surgery that removes nothing changes nothing: the same loss and action chunk, bit for bit."""
+    from vlaprune.core.family import action_chunk, flow_loss, noise_shape
+
+    bundle = tiny(spec)
+    source = bundle.policy
+    family = family_for(source)
+    kept = {name: list(range(depth)) for name, depth in family.depths(source).items()}
+    pruned = remove_blocks(source, family, kept)
+    data = batch(bundle) if bundle.synthetic is None else next(bundle.synthetic(CalibrationConfig(3, 3, 0)))
+    shape = noise_shape(family, source, data)
+    gen = torch.Generator().manual_seed(3)
+    noise, time = torch.randn(shape, generator=gen), torch.rand(shape[0], generator=gen) * 0.9 + 0.05
+    assert torch.equal(flow_loss(family, pruned, data, noise, time), flow_loss(family, source, data, noise, time))
+    assert torch.equal(action_chunk(family, pruned, data, noise), action_chunk(family, source, data, noise))

@@ -92,9 +92,9 @@ def dataset_batches(
     round, uniform within the episode), so a few samples already cover many episodes.
     """
     from lerobot.datasets.factory import resolve_delta_timestamps
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    meta = LeRobotDatasetMetadata(repo_id, root=root)
+    meta = dataset_metadata(repo_id, root)
     missing = [key for key in required_features(policy_config) if key not in meta.features]
     if missing:
         raise ValueError(
@@ -102,13 +102,44 @@ def dataset_batches(
             f"{sorted(meta.features)}. Pick a dataset recorded with the policy's cameras and state, "
             "or rename its keys."
         )
-    dataset = LeRobotDataset(repo_id, root=root, delta_timestamps=resolve_delta_timestamps(policy_config, meta))
+    dataset = LeRobotDataset(repo_id, root=root, delta_timestamps=resolve_delta_timestamps(policy_config, meta),
+                             video_backend=video_backend())
     indices = spread_frame_indices(_episode_bounds(dataset), config.num_samples, config.seed)
     start = 0
     for size in config.batch_sizes:
         frames = [dataset[i] for i in indices[start : start + size]]
         start += size
         yield _collate(frames)
+
+
+def dataset_metadata(repo_id: str, root: str | Path | None) -> Any:
+    """``LeRobotDatasetMetadata`` of a local dataset directory, or of a hub dataset (cached or downloaded),
+    with errors that name the directory or the repo id instead of a hub traceback."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+    if root is not None and not (Path(root) / "meta" / "info.json").is_file():
+        what = "does not exist" if not Path(root).exists() else "holds no LeRobotDataset (no meta/info.json)"
+        raise FileNotFoundError(f"--dataset.root={root} {what}: give the directory of a LeRobotDataset, or leave "
+                                "--dataset.root out to use the hub's copy of --dataset.repo_id")
+    try:
+        return LeRobotDatasetMetadata(repo_id, root=root)
+    except OfflineModeIsEnabled as err:
+        raise FileNotFoundError(f"dataset {repo_id!r} is not on this machine and the hub is offline "
+                                "(HF_HUB_OFFLINE=1): give its local directory with --dataset.root") from err
+
+
+def video_backend() -> str:
+    """LeRobot's default video decoder when it loads (torchcodec needs FFmpeg's shared libraries), else
+    PyAV, chosen without LeRobot's warning and its page of tracebacks when torchcodec cannot load."""
+    import importlib
+
+    try:
+        importlib.import_module("torchcodec")
+    except Exception as err:  # torchcodec raises RuntimeError with every FFmpeg version's traceback
+        logger.debug("torchcodec cannot load (%s); decoding video with pyav", type(err).__name__)
+        return "pyav"
+    return "torchcodec"
 
 
 def _episode_bounds(dataset: Any) -> list[tuple[int, int]]:

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from vlaprune.io.calibration import video_backend
+
 logger = logging.getLogger(__name__)
 
 MT10 = (
@@ -240,7 +242,7 @@ def _record(config: DemoConfig, root: Path, repo_id: str, progress: bool) -> Dem
     from tqdm import tqdm
 
     dataset = LeRobotDataset.create(repo_id, fps=FPS, features=_features(config.image_size), root=root,
-                                    use_videos=False)
+                                    use_videos=False, video_backend=video_backend())
     summary = DemoSummary(root=str(root), repo_id=repo_id, config=asdict(config))
     attempts_cap = config.max_attempts_per_task or 3 * config.episodes_per_task + 5
     bar = tqdm(total=len(config.tasks) * config.episodes_per_task, desc="demonstrations", disable=not progress)
