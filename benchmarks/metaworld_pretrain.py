@@ -1,4 +1,4 @@
-"""Pretrain the small SmolVLA of the quality study on MetaWorld demonstrations (first step of issue 5).
+"""Pretrain the small SmolVLA of the quality study on MetaWorld demonstrations.
 
 1. scripted demonstrations of the pretraining tasks (MT10 minus the held-out ones) at 64 px;
 2. an untrained ``small`` SmolVLA for that dataset (12 VLM + 12 expert layers, 3.6M parameters),

@@ -1,4 +1,4 @@
-"""Quality study (issue 5): does a pruned, fine-tuned policy still do the task?
+"""Quality study: does a pruned, fine-tuned policy still do the task?
 
 From the pretrained small SmolVLA (``metaworld:smolvla``, pretrained on 8 MetaWorld MT10 tasks), on
 the two held-out tasks it never saw (drawer-close, window-close):

@@ -540,7 +540,7 @@ def plan_removal(problem: PlanProblem, budget: Budget | None, method: str = "cka
 def candidate_plans(problem: PlanProblem, budget: Budget, *, limit: int, seed: int = 0) -> list[Plan]:
     """The ``limit`` cheapest distinct plans of all methods under one budget, cheapest first.
 
-    For ``--refine``: the proxy is good, not perfect (DESIGN.md), so a few candidates are measured
+    For ``--refine``: the proxy is good, not perfect (docs/design.md), so a few candidates are measured
     for real damage elsewhere. Methods that cannot serve the budget are dropped (logged at debug).
     """
     if limit < 1:

@@ -1,6 +1,6 @@
 """GR00T N1.7 (LeRobot 0.6.1, ``policies/groot``): Qwen3-VL language layers, VL self-attention, AlternateVLDiT.
 
-Rules (LEROBOT_FACTS.md):
+Rules (docs/families.md):
 
 - ``llm``: the Qwen3-VL text layers kept up to ``select_layer``. Deepstack visual features (one per
   entry of the vision config's ``deepstack_visual_indexes``, three in N1.7) are added to the

@@ -1,6 +1,6 @@
 """pi0 and pi0.5 (LeRobot 0.6.1, ``policies/pi0``, ``policies/pi05``): PaliGemma + Gemma expert.
 
-Rules (LEROBOT_FACTS.md): the training forward zips both stacks with ``strict=True`` and expert
+Rules (docs/families.md): the training forward zips both stacks with ``strict=True`` and expert
 layer i attends to the KV of VLM layer i (same ``layer_idx`` cache slot), so the same indices leave
 both stacks. Depth is not a config field (``get_gemma_config`` fixes 18), so a pruned pi0 needs a
 registered type of its own. The joint training path never calls the block modules: capture hooks

@@ -1,6 +1,6 @@
 """SmolVLA (LeRobot 0.6.1, ``policies/smolvla``): SmolVLM text layers + action-expert layers.
 
-Rules (LEROBOT_FACTS.md): the expert reads the VLM's KV cache layer by layer, so both stacks lose
+Rules (docs/families.md): the expert reads the VLM's KV cache layer by layer, so both stacks lose
 the same indices (lockstep); with cross-attention, an expert block is self-attention when
 ``layer_idx % self_attn_every_n_layers == 0`` and cross-attention otherwise, and that role is baked
 into its k/v projection shapes.
