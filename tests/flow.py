@@ -58,3 +58,17 @@ def raw_batch(chunk_size: int, *, with_action: bool = True, batch: int = 2) -> d
     if with_action:
         out[ACTION_KEY] = torch.randn(batch, chunk_size, 6, generator=gen)  # (batch, chunk, action)
     return out
+
+
+def assert_matches_skipped(source, pruned, removed, outputs, data):
+    """``pruned``'s (loss, chunk) from ``outputs(policy, data)`` equal the ``source`` policy's with the
+    ``removed`` blocks (original indices per stack) skipped; returns the pruned outputs."""
+    from vlaprune.core.surgery import skip_blocks
+    from vlaprune.families import family_for
+
+    with skip_blocks(source, family_for(source), removed):
+        ref_loss, ref_chunk = outputs(source, data)
+    loss, chunk = outputs(pruned, data)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunk, ref_chunk, rtol=1e-5, atol=1e-6)
+    return loss, chunk

@@ -10,11 +10,12 @@ import torch
 
 from vlaprune import load_policy
 from vlaprune.core.family import action_chunk, flow_loss
-from vlaprune.core.surgery import skip_blocks
 from vlaprune.families import family_for
 from vlaprune.families.groot_n15 import PAPER_PLAN
 from vlaprune.pipelines.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
 from vlaprune.pipelines.prune import run_prune
+
+from .flow import assert_matches_skipped
 
 SPEC = "tiny:groot_n15"
 DEPTHS = {"llm": 12, "vl_self_attention": 4, "dit": 16}
@@ -107,11 +108,7 @@ def test_the_papers_plan_gives_an_isaac_checkpoint_the_n15_loader_reads(tmp_path
     reloaded = load_policy(str(out))
     data = _batch(source)
     removed = {n: s["removed"] for n, s in manifest["stacks"].items()}
-    with skip_blocks(source.policy, family_for(source.policy), removed):
-        ref_loss, ref_chunk = _outputs(source.policy, data)
-    loss, chunk = _outputs(reloaded.policy, data)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(chunk, ref_chunk, rtol=1e-5, atol=1e-6)
+    loss, chunk = assert_matches_skipped(source.policy, reloaded.policy, removed, _outputs, data)
     assert not torch.allclose(loss, _outputs(source.policy, data)[0], atol=1e-3)
     mem = _outputs(result.pruned, data)
     assert torch.equal(loss, mem[0]) and torch.equal(chunk, mem[1])

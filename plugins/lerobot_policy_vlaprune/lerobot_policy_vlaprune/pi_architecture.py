@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Any
 
 # Dotted paths (from the policy) of the two ``PiGemmaModel``s whose ``layers`` are pruned in lockstep.
@@ -101,20 +102,27 @@ def build_architecture(
     def expert_config(config: Any) -> None:
         config.vocab_size = vocab_size  # sizes the expert's unused lm_head
 
-    replacements = {
-        "get_gemma_config": get_gemma_config,
-        "PaliGemmaForConditionalGenerationWithPiGemma": _edit_config_before(
+    with patched(
+        modeling,
+        get_gemma_config=get_gemma_config,
+        PaliGemmaForConditionalGenerationWithPiGemma=_edit_config_before(
             modeling.PaliGemmaForConditionalGenerationWithPiGemma, paligemma_config),
-        "PiGemmaForCausalLM": _edit_config_before(modeling.PiGemmaForCausalLM, expert_config),
-    }
-    originals = {name: getattr(modeling, name) for name in replacements}
+        PiGemmaForCausalLM=_edit_config_before(modeling.PiGemmaForCausalLM, expert_config),
+    ):
+        yield
+
+
+@contextmanager
+def patched(module: ModuleType, **replacements: Any) -> Iterator[None]:
+    """Set module attributes for the duration of the block; always restore the originals."""
+    originals = {name: getattr(module, name) for name in replacements}
     try:
         for name, value in replacements.items():
-            setattr(modeling, name, value)
+            setattr(module, name, value)
         yield
     finally:
         for name, value in originals.items():
-            setattr(modeling, name, value)
+            setattr(module, name, value)
 
 
 def _edit_config_before(cls: type, edit: Callable[[Any], None]) -> Callable[..., Any]:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from lerobot_policy_vlaprune.pi_architecture import build_architecture
+from lerobot_policy_vlaprune.pi_architecture import build_architecture, patched
 from vlaprune.io.cache import generated_dir
 from vlaprune.models.builtin.common import (
     ACTION_DIM,
@@ -142,7 +142,7 @@ def build(variant: Variant, size: Size, *, seed: int = 0) -> PolicyBundle:
         # The factory passes the hub name "google/paligemma-3b-pt-224"; keep every other argument.
         return stock_step(**{**kwargs, "tokenizer_name": str(tokenizer_dir)})
 
-    with _patched(processor_module, TokenizerProcessorStep=local_tokenizer_step):
+    with patched(processor_module, TokenizerProcessorStep=local_tokenizer_step):
         preprocessor, postprocessor = make_pre_post_processors(
             config, dataset_stats=synthetic_dataset_stats(features)
         )
