@@ -17,6 +17,7 @@ ARGS = ["--policy.path=tiny:smolvla", "--dataset.repo_id=synthetic",
         "--calibration.num_samples=8", "--calibration.batch_size=2"]
 
 
+@pytest.mark.slow  # 16 s of torchrun start-up; the all-reduce itself is tested in test_cka_distributed
 @pytest.mark.timeout(300)
 def test_two_ranks_equal_one_process(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")

@@ -55,6 +55,7 @@ def test_bad_input_errors(tmp_path):
     assert not (tmp_path / "y").exists() and not (tmp_path / "y.partial").exists()
 
 
+@pytest.mark.slow  # 15 s; test_demo trains the shipped SmolVLA on MetaWorld data with lerobot-train too
 def test_small_smolvla_for_the_demonstrations_trains_with_lerobot_train(tmp_path):
     """The start of the quality study: an untrained small SmolVLA (12 + 12 layers) built for the
     MetaWorld dataset's features and statistics, saved, and trained by stock ``lerobot-train``."""
