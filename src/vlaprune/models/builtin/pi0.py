@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
 import torch
@@ -210,19 +208,6 @@ def _make_tokenizer(max_length: int) -> Any:
         tokenizer_object=backend, pad_token=_PAD, eos_token=_EOS, bos_token=_BOS, unk_token=_UNK,
         model_max_length=max_length,
     )
-
-
-@contextmanager
-def _patched(module: ModuleType, **replacements: Any) -> Iterator[None]:
-    """Set module attributes for the duration of the block; always restore the originals."""
-    originals = {name: getattr(module, name) for name in replacements}
-    try:
-        for name, value in replacements.items():
-            setattr(module, name, value)
-        yield
-    finally:
-        for name, value in originals.items():
-            setattr(module, name, value)
 
 
 def _lerobot_classes(variant: str) -> tuple[Any, Any]:
