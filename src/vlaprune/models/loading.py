@@ -17,12 +17,12 @@ from vlaprune.models.builtin.common import PolicyBundle
 logger = logging.getLogger(__name__)
 
 BUILTIN_SPECS = ("tiny:smolvla", "tiny:pi0", "tiny:pi05", "tiny:groot", "tiny:groot_n15", "real:smolvla",
-                 "real:pi0", "real:pi05", "real:groot")
+                 "real:pi0", "real:pi05", "real:groot", "pretrained:smolvla")
 TRAINED_SPECS = (shipped.SPEC,)  # trained weights that come with vlaprune
 
 
 def is_builtin(spec: str) -> bool:
-    return spec.split(":", 1)[0] in ("tiny", "real") and ":" in spec
+    return spec.split(":", 1)[0] in ("tiny", "real", "pretrained") and ":" in spec
 
 
 def load_policy(spec: str, *, seed: int = 0, device: str = "cpu") -> PolicyBundle:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from vlaprune.io.cache import generated_dir
+from vlaprune.models.builtin import dinov2, smollm2
 from vlaprune.models.builtin.common import (
     ACTION_DIM,
     ACTION_KEY,
@@ -35,7 +36,7 @@ from vlaprune.models.builtin.common import (
 
 logger = logging.getLogger(__name__)
 
-Size = Literal["tiny", "small", "real"]
+Size = Literal["tiny", "small", "real", "pretrained"]
 
 # Bump when the generated directory's layout changes, so old caches are not reused.
 _FORMAT_VERSION = 1
@@ -84,6 +85,11 @@ _SMALL_TEXT = {**_TINY_TEXT, "hidden_size": 128, "intermediate_size": 256, "num_
                "head_dim": 32}
 _SMALL_VISION = {**_TINY_VISION, "hidden_size": 128, "intermediate_size": 256}
 
+# Pretrained: a SmolVLM-256M-shaped VLM carrying real weights from registry packages (SmolLM2-135M as
+# the text model, DINOv2-S/14 as the vision tower, see smollm2 / dinov2); 112 px frames are 8x8 patches,
+# pixel shuffle by 2 leaves 16 image tokens. SmolVLA keeps the first 16 of the 30 text layers.
+_PRETRAINED_IMAGE_SIZE = 112
+
 _SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
         "text": _TINY_TEXT, "vision": _TINY_VISION, "scale_factor": 2, "raw_image_hw": 96,
@@ -94,6 +100,12 @@ _SIZES: dict[str, dict[str, Any]] = {
         "text": _SMALL_TEXT, "vision": _SMALL_VISION, "scale_factor": 2, "raw_image_hw": 64,
         "policy": {"num_vlm_layers": 12, "chunk_size": 20, "n_action_steps": 10, "num_steps": 10,
                    "tokenizer_max_length": 16},
+    },
+    "pretrained": {
+        "text": smollm2.TEXT_CONFIG, "vision": dinov2.vision_config(_PRETRAINED_IMAGE_SIZE), "scale_factor": 2,
+        "raw_image_hw": _PRETRAINED_IMAGE_SIZE,
+        "policy": {"num_vlm_layers": 16, "chunk_size": 20, "n_action_steps": 10, "num_steps": 10,
+                   "tokenizer_max_length": 48},
     },
     "real": {
         "text": _REAL_TEXT, "vision": _REAL_VISION, "scale_factor": 4, "raw_image_hw": 512,
@@ -147,6 +159,8 @@ def build(size: Size, *, seed: int = 0, features: tuple[dict[str, Any], dict[str
     if size == "tiny":
         spread_linear_weights(policy, seed=seed)
         perturb_parameters(policy, seed=seed)
+    if size == "pretrained":
+        load_pretrained_vlm(policy, vlm_dir)
     policy.eval()
     stats = dataset_stats or synthetic_dataset_stats({**config.input_features, **config.output_features})
     preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=stats)
@@ -187,13 +201,19 @@ def smolvlm_dir(size: Size) -> Path:
     import transformers
 
     spec = _size_spec(size)
-    payload = {
+    payload: dict[str, Any] = {
         "format": _FORMAT_VERSION, "transformers": transformers.__version__, "text": spec["text"],
-        "vision": spec["vision"], "scale_factor": spec["scale_factor"], "vocab": _vocabulary(),
-        "model_tokens": _MODEL_TOKENS,
+        "vision": spec["vision"], "scale_factor": spec["scale_factor"], "model_tokens": _MODEL_TOKENS,
     }
+    if size != "pretrained":
+        payload["vocab"] = _vocabulary()
+        tokenizer = _make_tokenizer(spec["text"]["max_position_embeddings"])
+        return generated_dir(f"smolvlm-{size}", payload, marker="config.json",
+                             write=lambda tmp: _write_smolvlm(tmp, spec, tokenizer))
+    # the converted weights come from the packages: their versions key the cache
+    payload["packages"] = {smollm2.PACKAGE: smollm2.VERSION, dinov2.PACKAGE: dinov2.VERSION}
     return generated_dir(f"smolvlm-{size}", payload, marker="config.json",
-                         write=lambda tmp: _write_smolvlm(tmp, spec))
+                         write=lambda tmp: _write_pretrained_smolvlm(tmp, spec))
 
 
 def _size_spec(size: str) -> dict[str, Any]:
@@ -230,13 +250,13 @@ def _make_tokenizer(max_length: int) -> Any:
     )
 
 
-def _write_smolvlm(path: Path, spec: dict[str, Any]) -> None:
-    """Save a ``SmolVLMConfig`` and a ``SmolVLMProcessor`` (image/video processors, tokenizer) to ``path``."""
+def _write_smolvlm(path: Path, spec: dict[str, Any], tokenizer: Any) -> None:
+    """Save a ``SmolVLMConfig`` and a ``SmolVLMProcessor`` (image/video processors, ``tokenizer``) to ``path``."""
     from transformers import SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor
     from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 
-    tokenizer = _make_tokenizer(spec["text"]["max_position_embeddings"])
-    assert len(tokenizer) <= spec["text"]["vocab_size"], "the vocabulary must fit the embedding table"
+    if len(tokenizer) > spec["text"]["vocab_size"]:
+        raise ValueError(f"a tokenizer of {len(tokenizer)} tokens does not fit {spec['text']['vocab_size']} rows")
     bos, eos, pad = tokenizer.convert_tokens_to_ids([_BOS, _EOS, _PAD])
     text = {**spec["text"], "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
     # Passed as a dict: mypy misreads huggingface_hub's @strict config dataclasses.
@@ -259,3 +279,54 @@ def _write_smolvlm(path: Path, spec: dict[str, Any]) -> None:
         image_seq_len=n_patches // spec["scale_factor"] ** 2,
     )
     processor.save_pretrained(path)
+
+
+PRETRAINED_WEIGHTS = "pretrained_vlm.safetensors"  # in the generated SmolVLM directory
+
+
+def _write_pretrained_smolvlm(path: Path, spec: dict[str, Any]) -> None:
+    """The SmolVLM directory of ``pretrained``: config, processor with SmolLM2's tokenizer and SmolVLM's
+    special tokens, and the converted text and vision weights (:data:`PRETRAINED_WEIGHTS`)."""
+    from safetensors.torch import save_file
+
+    logger.info("converting SmolLM2-135M (%s) and DINOv2-S (%s) once into %s", smollm2.PACKAGE, dinov2.PACKAGE,
+                path.parent)
+    model, gguf_tokenizer = smollm2.load_gguf()
+    text = smollm2.text_state_dict(model)
+    vision = dinov2.vision_tower_state_dict(dinov2.read_dinov2(), spec["vision"]["image_size"])
+    weights = {**{f"text_model.{k}": v for k, v in text.items()}, **{f"vision_model.{k}": v for k, v in vision.items()}}
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / PRETRAINED_WEIGHTS))
+    _write_smolvlm(path, spec, _pretrained_tokenizer(gguf_tokenizer, spec["text"]["max_position_embeddings"]))
+
+
+def _pretrained_tokenizer(gguf_tokenizer: Any, max_length: int) -> Any:
+    """SmolLM2's BPE tokenizer (read from the GGUF) with SmolVLM's image and special tokens added."""
+    import copy
+
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(gguf_tokenizer.backend_tokenizer)
+    backend.add_special_tokens(_SPECIAL)  # those SmolLM2 already has keep their ids
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token=_UNK, bos_token=_BOS, eos_token=_EOS, pad_token=_PAD,
+        model_max_length=max_length, **_MODEL_TOKENS,
+    )
+
+
+def load_pretrained_vlm(policy: Any, vlm_dir: Path) -> None:
+    """Give ``policy``'s VLM the converted text and vision weights of ``vlm_dir``: the embedding, the
+    first ``num_vlm_layers`` text layers and the final norm, and the whole vision tower; the connector
+    keeps its seeded initial weights (it is trained). Every kept tensor must be covered exactly."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(vlm_dir / PRETRAINED_WEIGHTS))
+    vlm = policy.model.vlm_with_expert.get_vlm_model()
+    for part in ("text_model", "vision_model"):
+        module = getattr(vlm, part)
+        prefix = f"{part}."
+        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        wanted = module.state_dict()
+        state = {k: v for k, v in state.items() if k in wanted or not k.startswith("layers.")}  # layers SmolVLA cut
+        smollm2.check_tensors(f"{vlm_dir / PRETRAINED_WEIGHTS} ({part})", state,
+                              {k: tuple(v.shape) for k, v in wanted.items()})
+        module.load_state_dict(state, strict=True)
