@@ -47,6 +47,32 @@ def test_interrupted_run_restarts_cleanly(tmp_path):
         mw.generate_demos(_small(episodes_per_task=1), tmp_path / "demos", progress=False)
 
 
+def test_per_task_demonstrations_resume_and_record_failures(tmp_path, monkeypatch):
+    """One dataset per task, each recorded as it ends; a rerun redoes only what is not recorded, a task
+    whose expert fails is recorded with its error, other settings under the same root are refused."""
+    import json
+
+    config = _small(tasks=("reach-v3", "button-press-topdown-v3"), episodes_per_task=1)
+    first = mw.generate_task_demos(config, tmp_path, progress=False)
+    assert {t: r["episodes"] for t, r in first.items()} == {"reach-v3": 1, "button-press-topdown-v3": 1}
+    assert (tmp_path / "reach-v3" / "meta" / "info.json").is_file()
+    lines = (tmp_path / "tasks.jsonl").read_text().splitlines()
+    (tmp_path / "tasks.jsonl").write_text(lines[0] + "\n" + lines[1][:10])  # the second record torn
+    calls = []
+    real = mw.generate_demos
+    monkeypatch.setattr(mw, "generate_demos", lambda c, *a, **k: calls.append(c.tasks) or real(c, *a, **k))
+    again = mw.generate_task_demos(config, tmp_path, progress=False)
+    assert calls == [("button-press-topdown-v3",)]  # reach-v3 was recorded: not redone
+    assert again["button-press-topdown-v3"]["episodes"] == 1
+    # seeds as in one run over both tasks: the second task is task index 1
+    assert json.loads((tmp_path / "tasks.jsonl").read_text().splitlines()[-1])["settings"]["first_task_index"] == 0
+    with pytest.raises(ValueError, match="use another root"):
+        mw.generate_task_demos(_small(tasks=("reach-v3",), episodes_per_task=2), tmp_path, progress=False)
+    failing = mw.generate_task_demos(_small(tasks=("reach-v3",), max_steps=1, max_attempts_per_task=2),
+                                     tmp_path / "f", progress=False)
+    assert "raise max_steps" in failing["reach-v3"]["error"] and not (tmp_path / "f" / "reach-v3").exists()
+
+
 def test_bad_input_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown MetaWorld task\(s\) \['open-the-fridge'\].*reach-v3"):
         mw.generate_demos(_small(tasks=("open-the-fridge",)), tmp_path / "x", progress=False)

@@ -23,12 +23,13 @@ Demonstration seeds start at :data:`DEMO_SEED_BASE` and evaluation seeds at
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,13 +145,14 @@ class DemoConfig:
     max_steps: int = 200  # an episode that has not succeeded by then is dropped
     seed: int = 0  # demonstration seeds: DEMO_SEED_BASE + seed * 100_000 + task index * 1000 + attempt
     max_attempts_per_task: int | None = None  # default: 3 × episodes_per_task + 5
+    first_task_index: int = 0  # task index of tasks[0] in the seeds (a task of a larger set recorded alone)
 
     def validate(self) -> None:
         check_tasks(self.tasks)
         if self.episodes_per_task < 1 or self.image_size < 8 or self.max_steps < 1:
             raise ValueError("episodes_per_task and max_steps must be >= 1, image_size >= 8")
-        if not 0 <= self.seed < 9 or len(self.tasks) > 100:
-            raise ValueError("seed must be in 0..8 and at most 100 tasks (demonstration seeds stay below "
+        if not 0 <= self.seed < 9 or self.first_task_index < 0 or self.first_task_index + len(self.tasks) > 100:
+            raise ValueError("seed must be in 0..8 and task indices below 100 (demonstration seeds stay below "
                              f"EVAL_SEED_BASE={EVAL_SEED_BASE})")
 
 
@@ -237,6 +239,47 @@ def generate_demos(config: DemoConfig, root: Path, repo_id: str = "local/metawor
     return summary
 
 
+def generate_task_demos(config: DemoConfig, root: Path, *, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Demonstrations of each task of ``config`` into its own LeRobotDataset ``root/<task>``
+    (repo id ``local/<task>``), one task at a time: resumable, each finished task recorded in
+    ``root/tasks.jsonl`` as it ends (episodes, attempts, frames, seconds, or the error of a task whose
+    scripted expert does not succeed often enough). A rerun skips recorded tasks and redoes any task
+    left unrecorded by an interruption; a rerun with other settings under the same ``root`` is refused.
+    Returns the records by task. Seeds are those of one run over all of ``config.tasks``."""
+    config.validate()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in asdict(config).items() if k != "tasks"}
+    log = root / "tasks.jsonl"
+    records: dict[str, dict[str, Any]] = {}
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            done = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by an interruption: that task is redone
+            continue
+        if done["settings"] != settings:
+            raise ValueError(f"{log} was recorded with {done['settings']}, not {settings}: use another root")
+        records[done["task"]] = done
+    for index, task in enumerate(config.tasks):
+        if task in records and ((root / task).is_dir() or "error" in records[task]):
+            continue
+        one = replace(config, tasks=(task,), first_task_index=config.first_task_index + index)
+        start = time.perf_counter()
+        record: dict[str, Any] = {"task": task, "settings": settings}
+        try:
+            summary = generate_demos(one, root / task, f"local/{task}", overwrite=True, progress=progress)
+            record.update(episodes=summary.episodes[task], attempts=summary.attempts[task], frames=summary.frames)
+        except RuntimeError as err:  # the scripted expert rarely succeeds on this task: recorded, not fatal
+            record["error"] = str(err)
+        record["seconds"] = round(time.perf_counter() - start, 1)
+        torn = log.is_file() and log.stat().st_size and not log.read_text().endswith("\n")
+        with log.open("a") as f:
+            f.write(("\n" if torn else "") + json.dumps(record) + "\n")
+        records[task] = record
+        logger.info("%s: %s", task, record.get("error") or f"{record['episodes']} episodes in {record['seconds']} s")
+    return {task: records[task] for task in config.tasks}
+
+
 def _record(config: DemoConfig, root: Path, repo_id: str, progress: bool) -> DemoSummary:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from tqdm import tqdm
@@ -255,7 +298,7 @@ def _record(config: DemoConfig, root: Path, repo_id: str, progress: bool) -> Dem
                 if attempts >= attempts_cap:
                     raise RuntimeError(f"{task}: the scripted expert succeeded in only {kept} of {attempts} "
                                        f"episodes within {config.max_steps} steps; raise max_steps")
-                seed = DEMO_SEED_BASE + config.seed * 100_000 + t * 1000 + attempts
+                seed = DEMO_SEED_BASE + config.seed * 100_000 + (config.first_task_index + t) * 1000 + attempts
                 attempts += 1
                 frames, success = expert_episode(env, seed, config.max_steps)
                 if not success:
