@@ -3,6 +3,7 @@ own preprocessor, so the analysis sees exactly what the policy sees in fine-tuni
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -129,6 +130,7 @@ def dataset_metadata(repo_id: str, root: str | Path | None) -> Any:
                                 "(HF_HUB_OFFLINE=1): give its local directory with --dataset.root") from err
 
 
+@functools.cache
 def video_backend() -> str:
     """LeRobot's default video decoder when it loads (torchcodec needs FFmpeg's shared libraries), else
     PyAV, chosen without LeRobot's warning and its page of tracebacks when torchcodec cannot load."""
