@@ -1,5 +1,6 @@
 """LeRobot policy types ``pi0_pruned``, ``pi05_pruned`` and ``groot_pruned`` for depth-pruned pi0 / pi0.5 /
-GR00T N1.7 checkpoints.
+GR00T N1.7 checkpoints, and ``smolvla_connector`` for robot pretraining of a SmolVLA on a pretrained VLM
+(the new connector trains, the pretrained layers stay frozen).
 
 Installed as the distribution ``lerobot_policy_vlaprune``, so LeRobot's ``register_third_party_plugins``
 (called by ``lerobot-train`` and ``lerobot-eval``) imports it and the config types register
@@ -14,6 +15,7 @@ from typing import Any
 from .configuration_groot_pruned import GrootPrunedConfig
 from .configuration_pi0_pruned import PI0PrunedConfig
 from .configuration_pi05_pruned import PI05PrunedConfig
+from .configuration_smolvla_connector import SmolVLAConnectorConfig
 
 __all__ = [
     "GrootPrunedConfig",
@@ -22,6 +24,8 @@ __all__ = [
     "PI0PrunedPolicy",
     "PI05PrunedConfig",
     "PI05PrunedPolicy",
+    "SmolVLAConnectorConfig",
+    "SmolVLAConnectorPolicy",
 ]
 
 
@@ -35,6 +39,10 @@ def __getattr__(name: str) -> Any:
         from .modeling_pi05_pruned import PI05PrunedPolicy
 
         return PI05PrunedPolicy
+    if name == "SmolVLAConnectorPolicy":
+        from .modeling_smolvla_connector import SmolVLAConnectorPolicy
+
+        return SmolVLAConnectorPolicy
     if name == "GrootPrunedPolicy":
         from .modeling_groot_pruned import GrootPrunedPolicy
 

@@ -33,15 +33,15 @@ STACK_MODELS = (VLM_MODEL, EXPERT_MODEL)
 SAFETENSORS_FILE = "model.safetensors"
 
 
-def pruned_config[C](target: type[C], source: Any, **pruned_fields: Any) -> C:
-    """A ``target`` config (a pruned type) holding every field of the ``source`` config, deep-copied, and
-    ``pruned_fields`` (kept blocks, source depths, ...) on top."""
-    fields = dataclasses.fields(source)
-    values = {f.name: copy.deepcopy(getattr(source, f.name)) for f in fields
-              if f.init and f.name not in pruned_fields}
-    config = target(**values, **pruned_fields)
-    for f in fields:  # fields not set by __init__, if any
-        if not f.init and f.name not in pruned_fields:
+def config_as[C](target: type[C], source: Any, **fields: Any) -> C:
+    """A ``target`` config (a pruned or training-time type) holding every field of the ``source`` config,
+    deep-copied, and ``fields`` (kept blocks, source depths, ...) on top."""
+    source_fields = dataclasses.fields(source)
+    values = {f.name: copy.deepcopy(getattr(source, f.name)) for f in source_fields
+              if f.init and f.name not in fields}
+    config = target(**values, **fields)
+    for f in source_fields:  # fields not set by __init__, if any
+        if not f.init and f.name not in fields:
             setattr(config, f.name, copy.deepcopy(getattr(source, f.name)))
     return config
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lerobot_policy_vlaprune import GrootPrunedConfig
 from lerobot_policy_vlaprune.groot_rules import GROOT_STACKS, deepstack_layers, dit_role
-from lerobot_policy_vlaprune.pruned import pruned_config
+from lerobot_policy_vlaprune.pruned import config_as
 from vlaprune.core.family import Family, PrefixPass, Protection, RoleRule, StackSpec, check_positions, register_family
 
 _MODEL = "_groot_model"
@@ -145,7 +145,7 @@ class GrootSurgeon:
             source_depths = depths
         deepstack = deepstack_layers(policy._groot_model.backbone.model.config)
         moved = original["llm"][: len(deepstack)] != deepstack  # only a plan allowed to do so gets here
-        return pruned_config(GrootPrunedConfig, source, kept_blocks=original, source_depths=source_depths,
+        return config_as(GrootPrunedConfig, source, kept_blocks=original, source_depths=source_depths,
                              deepstack_moved=moved)
 
     def build(self, config: Any) -> Any:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lerobot_policy_vlaprune import PI0PrunedConfig, PI05PrunedConfig
 from lerobot_policy_vlaprune.pi_architecture import EXPERT_MODEL, VLM_MODEL, measure_architecture
-from lerobot_policy_vlaprune.pruned import pruned_config
+from lerobot_policy_vlaprune.pruned import config_as
 from vlaprune.core.family import (
     Family,
     ModelForwardRunner,
@@ -134,7 +134,7 @@ class PiSurgeon:
             original, source_num_layers = positions, depth
         architecture, vocab_size = measure_architecture(policy)
         target = PI05PrunedConfig if family.name == "pi05" else PI0PrunedConfig
-        return pruned_config(target, source, kept_layers=original, source_num_layers=source_num_layers,
+        return config_as(target, source, kept_layers=original, source_num_layers=source_num_layers,
                              architecture=architecture, vocab_size=vocab_size)
 
     def build(self, config: Any) -> Any:

@@ -87,3 +87,21 @@ def parse_log(text: str) -> dict[str, float | None]:
     losses = re.findall(r"\bloss:([0-9.]+)", text)
     return {"update_s": median("updt_s"), "data_s": median("data_s"),
             "final_loss": float(losses[-1]) if losses else None}
+
+
+def as_stock_smolvla(checkpoint: Path) -> Path:
+    """Turn a ``smolvla_connector`` checkpoint (robot pretraining on a pretrained VLM) into a stock
+    ``smolvla`` one, in place: the types share every field and every tensor, only ``type`` differs.
+    The config is replaced atomically; a stock checkpoint is left as it is."""
+    import json
+    import os
+
+    path = checkpoint / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("type") not in ("smolvla_connector", "smolvla"):
+        raise ValueError(f"{path}: type {config.get('type')!r} is neither smolvla_connector nor smolvla")
+    if config["type"] == "smolvla_connector":
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({**config, "type": "smolvla"}, indent=4) + "\n")
+        os.replace(tmp, path)
+    return checkpoint

@@ -170,8 +170,9 @@ def build(size: Size, *, seed: int = 0, features: tuple[dict[str, Any], dict[str
 
 def build_for_dataset(size: Size, root: Path, repo_id: str, *, seed: int = 0) -> PolicyBundle:
     """An untrained ``<size>:smolvla`` with the cameras, state and action of the LeRobotDataset at
-    ``root``, processors normalising with its statistics and every parameter trainable: the starting
-    point of training from scratch (``policy.save_pretrained`` + the processors' ``save_pretrained`` into one directory,
+    ``root``, processors normalising with its statistics and every parameter trainable (``pretrained``:
+    everything but the pretrained text and vision layers, as type ``smolvla_connector``): the starting
+    point of robot pretraining (``policy.save_pretrained`` + the processors' ``save_pretrained`` into one directory,
     then ``lerobot-train --policy.path=DIR``)."""
     from lerobot.configs import FeatureType
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
@@ -185,6 +186,16 @@ def build_for_dataset(size: Size, root: Path, repo_id: str, *, seed: int = 0) ->
         raise ValueError(f"{root}: a SmolVLA policy needs an action feature and at least one camera; the dataset "
                          f"has {sorted(policy_features)}")
     bundle = build(size, seed=seed, features=(inputs, outputs), dataset_stats=meta.stats)
+    if size == "pretrained":
+        # the pretrained text and vision layers stay frozen and the new connector trains with the
+        # expert: the plugin's training-time type smolvla_connector (its checkpoints become stock
+        # smolvla ones with studies.train.as_stock_smolvla)
+        from lerobot_policy_vlaprune import SmolVLAConnectorConfig
+        from lerobot_policy_vlaprune.pruned import config_as
+
+        bundle.policy.config = config_as(SmolVLAConnectorConfig, bundle.policy.config)
+        bundle.policy.model.vlm_with_expert.get_vlm_model().connector.requires_grad_(True)
+        return bundle
     # from scratch, the VLM must learn too: SmolVLA's defaults freeze it (train_expert_only,
     # freeze_vision_encoder); the saved config makes lerobot-train build it trainable as well
     bundle.policy.config.train_expert_only = False
