@@ -72,6 +72,14 @@ def test_per_task_demonstrations_resume_and_record_failures(tmp_path, monkeypatc
                                      tmp_path / "f", progress=False)
     assert "raise max_steps" in failing["reach-v3"]["error"] and not (tmp_path / "f" / "reach-v3").exists()
 
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    combined = mw.combine_task_demos(tmp_path, config.tasks, tmp_path / "both")
+    dataset = LeRobotDataset("local/metaworld", root=combined)
+    assert dataset.num_episodes == 2 and len(dataset.meta.tasks) == 2
+    with pytest.raises(FileNotFoundError, match=r"no demonstrations of \['push-v3'\]"):
+        mw.combine_task_demos(tmp_path, ["push-v3"], tmp_path / "none")
+
 
 def test_bad_input_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown MetaWorld task\(s\) \['open-the-fridge'\].*reach-v3"):

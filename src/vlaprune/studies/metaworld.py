@@ -280,6 +280,29 @@ def generate_task_demos(config: DemoConfig, root: Path, *, progress: bool = True
     return {task: records[task] for task in config.tasks}
 
 
+def combine_task_demos(root: Path, tasks: Sequence[str], dest: Path, repo_id: str = "local/metaworld") -> Path:
+    """One LeRobotDataset at ``dest`` holding the per-task datasets ``root/<task>`` of ``tasks``
+    (written by :func:`generate_task_demos`), in that order, with LeRobot's own aggregation; written
+    into ``<dest>.partial`` and renamed at the end, so an interrupted run leaves nothing at ``dest``."""
+    from lerobot.datasets.aggregate import aggregate_datasets
+
+    missing = [task for task in tasks if not (Path(root) / task / "meta" / "info.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no demonstrations of {missing} under {root}: run generate_task_demos for them")
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists: remove it or choose another destination")
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        aggregate_datasets([f"local/{task}" for task in tasks], repo_id,
+                           roots=[Path(root) / task for task in tasks], aggr_root=partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    partial.rename(dest)
+    return dest
+
+
 def _record(config: DemoConfig, root: Path, repo_id: str, progress: bool) -> DemoSummary:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from tqdm import tqdm
