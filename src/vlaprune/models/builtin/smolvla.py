@@ -28,6 +28,7 @@ from vlaprune.models.builtin.common import (
     STATE_DIM,
     STATE_KEY,
     PolicyBundle,
+    check_tensors,
     perturb_parameters,
     spread_linear_weights,
     synthetic_dataset_stats,
@@ -338,6 +339,6 @@ def load_pretrained_vlm(policy: Any, vlm_dir: Path) -> None:
         state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         wanted = module.state_dict()
         state = {k: v for k, v in state.items() if k in wanted or not k.startswith("layers.")}  # layers SmolVLA cut
-        smollm2.check_tensors(f"{vlm_dir / PRETRAINED_WEIGHTS} ({part})", state,
+        check_tensors(f"{vlm_dir / PRETRAINED_WEIGHTS} ({part})", state,
                               {k: tuple(v.shape) for k, v in wanted.items()})
         module.load_state_dict(state, strict=True)
