@@ -146,7 +146,7 @@ def test_vocabulary_covers_metaworld_task_descriptions(built) -> None:
 def test_interrupted_generation_leaves_no_directory(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("VLAPRUNE_CACHE", str(tmp_path))
 
-    def crash(path, spec):
+    def crash(path, spec, tokenizer):
         (path / "config.json").write_text("{")
         raise KeyboardInterrupt
 
