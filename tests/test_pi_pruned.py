@@ -288,3 +288,47 @@ def test_pruned_config_copies_source_and_checks_lockstep(case, variant):
         PiSurgeon().pruned_config(source.policy, {"vlm": [0, 8], "expert": [0, 8]})
     assert family_for(f"{variant}_pruned") is family_for(variant)
     assert family_for(variant).surgeon is not None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lerobots_stock_architecture_round_trips_through_the_recorded_dimensions(variant):
+    """A pruned config of a stock (real-size) pi0 records the stock dimensions, and the plugin then builds
+    exactly the stock modules and HF configs (on the meta device: no memory, no weights)."""
+    import importlib
+
+    from lerobot.configs import FeatureType, PolicyFeature
+
+    from lerobot_policy_vlaprune import PI0PrunedConfig, PI05PrunedConfig
+    from lerobot_policy_vlaprune.pi_architecture import measure_architecture
+    from lerobot_policy_vlaprune.pruned import config_as
+
+    config_module = importlib.import_module(f"lerobot.policies.{variant}.configuration_{variant}")
+    modeling = importlib.import_module(f"lerobot.policies.{variant}.modeling_{variant}")
+    prefix = variant.upper()
+    features = {"observation.images.top": PolicyFeature(type=FeatureType.VISUAL, shape=(3, 224, 224)),
+                "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(6,))}
+    config = getattr(config_module, f"{prefix}Config")(
+        device="cpu", dtype="float32", input_features=features,
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(6,))})
+
+    def on_meta(cls, cfg):
+        cfg.device = "meta"  # LeRobot's constructors move the model to config.device
+        try:
+            with torch.device("meta"):
+                return cls(cfg)
+        finally:
+            cfg.device = "cpu"
+
+    stock = on_meta(getattr(modeling, f"{prefix}Policy"), config)
+    architecture, vocab_size = measure_architecture(stock)
+    assert architecture["vlm"]["width"] == 2048 and architecture["vision"]["num_hidden_layers"] == 27
+    assert vocab_size == 257152
+    target = PI0PrunedConfig if variant == "pi0" else PI05PrunedConfig
+    pruned_config = config_as(target, config, kept_layers=list(range(18)), source_num_layers=18,
+                              architecture=architecture, vocab_size=vocab_size)
+    from lerobot_policy_vlaprune import PI0PrunedPolicy, PI05PrunedPolicy
+
+    rebuilt = on_meta(PI0PrunedPolicy if variant == "pi0" else PI05PrunedPolicy, pruned_config)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in stock.state_dict().items()}
+    for path in ("model.paligemma_with_expert.paligemma.config", "model.paligemma_with_expert.gemma_expert.config"):
+        assert resolve(rebuilt, path).to_dict() == resolve(stock, path).to_dict(), path
