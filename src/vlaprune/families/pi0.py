@@ -27,8 +27,6 @@ from vlaprune.core.family import (
     register_family,
 )
 
-_VLM, _EXPERT = VLM_MODEL, EXPERT_MODEL  # one source: the plugin builds pruned policies from the same paths
-
 
 class PiRunner(ModelForwardRunner):
     """Prefix through PaliGemma with a KV cache, then ``denoise_step`` per flow timestep.
@@ -87,8 +85,8 @@ def _pi_family(name: str, state_in_suffix: bool, expert_note: str, policy_types:
         name=name,
         policy_types=policy_types,
         stacks=(
-            StackSpec("vlm", f"{_VLM}.layers", f"{_VLM}.norm", description="PaliGemma (Gemma 2B) layers"),
-            StackSpec("expert", f"{_EXPERT}.layers", f"{_EXPERT}.norm", description=expert_note),
+            StackSpec("vlm", f"{VLM_MODEL}.layers", f"{VLM_MODEL}.norm", description="PaliGemma (Gemma 2B) layers"),
+            StackSpec("expert", f"{EXPERT_MODEL}.layers", f"{EXPERT_MODEL}.norm", description=expert_note),
         ),
         prefix_stacks=("vlm",),
         expert_stacks=("expert",),

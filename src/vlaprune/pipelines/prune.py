@@ -115,5 +115,4 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
 
 
 def _budget_text(cfg: PruneConfig) -> str:
-    budget = {"ratio": cfg.plan.ratio, "keep": cfg.plan.keep, "threshold": cfg.plan.threshold, "kept": cfg.plan.kept}
-    return ", ".join(f"--plan.{name}={value}" for name, value in budget.items() if value is not None)
+    return ", ".join(f"--plan.{name}={getattr(cfg.plan, name)}" for name in cfg.plan.budgets())

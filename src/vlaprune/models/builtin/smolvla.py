@@ -219,9 +219,9 @@ def smolvlm_dir(size: Size) -> Path:
     }
     if size != "pretrained":
         payload["vocab"] = _vocabulary()
-        tokenizer = _make_tokenizer(spec["text"]["max_position_embeddings"])
-        return generated_dir(f"smolvlm-{size}", payload, marker="config.json",
-                             write=lambda tmp: _write_smolvlm(tmp, spec, tokenizer))
+        max_length = spec["text"]["max_position_embeddings"]
+        return generated_dir(f"smolvlm-{size}", payload, marker="config.json",  # tokenizer built only when written
+                             write=lambda tmp: _write_smolvlm(tmp, spec, _make_tokenizer(max_length)))
     # the converted weights come from the packages: their versions key the cache
     payload["packages"] = {smollm2.PACKAGE: smollm2.VERSION, dinov2.PACKAGE: dinov2.VERSION}
     return generated_dir(f"smolvlm-{size}", payload, marker="config.json",
