@@ -63,8 +63,16 @@ def main() -> None:
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"timings": {}}
     settings = {"episodes": args.episodes, "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
                 "image_size": IMAGE_SIZE, "held_out_candidates": list(HELD_OUT_CANDIDATES)}
-    if record.get("settings", settings) != settings:
-        raise SystemExit(f"{record_path} was recorded with {record['settings']}: use another --out")
+    recorded = record.get("settings", settings)
+    if {**recorded, "steps": args.steps} != settings:
+        raise SystemExit(f"{record_path} was recorded with {recorded}: use another --out")
+    if recorded["steps"] != args.steps:  # a run shortened or lengthened before it finished
+        reached = _last_step(args.out / "train")
+        if reached is None or reached >= min(recorded["steps"], args.steps):
+            raise SystemExit(f"{record_path}: --steps {args.steps} differs from the recorded {recorded['steps']} and "
+                             f"the run is at step {reached}: use another --out")
+        record.setdefault("steps_changes", []).append({"at_step": reached, "from": recorded["steps"],
+                                                        "to": args.steps})
     record.update(settings=settings, machine=machine_description(), versions=library_versions())
 
     def save() -> None:
@@ -100,7 +108,8 @@ def main() -> None:
         last = train / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
         lerobot_train = str(Path(sys.executable).with_name("lerobot-train"))
         if last.is_file():  # an interrupted run: continue from its last checkpoint
-            cmd = [lerobot_train, f"--config_path={last}", "--resume=true"]
+            # --steps shorter than the recorded decay length rescales LeRobot's warm-up and cosine decay to it
+            cmd = [lerobot_train, f"--config_path={last}", "--resume=true", f"--steps={args.steps}"]
         else:
             if train.exists():
                 raise SystemExit(f"{train} holds a run without a checkpoint; remove it to start over")
@@ -123,6 +132,12 @@ def main() -> None:
         for task, r in result["tasks"].items():
             print(f"{task:<32} {r['successes']}/{r['episodes']}")
         print(json.dumps({"success_rate": result["success_rate"], **record["timings"]}))
+
+
+def _last_step(train: Path) -> int | None:
+    """The step of a run's last checkpoint, or None before the first."""
+    step_file = train / "checkpoints" / "last" / "training_state" / "training_step.json"
+    return json.loads(step_file.read_text())["step"] if step_file.is_file() else None
 
 
 if __name__ == "__main__":

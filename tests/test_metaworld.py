@@ -133,17 +133,103 @@ def test_rollout_counts_the_experts_successes():
         mw.close_env(env)
 
 
-def test_evaluate_runs_a_policy_as_lerobot_eval_does(tmp_path):
+def _recording(env, log):
+    """Record every action ``env`` steps with, under the seed of its last reset."""
+    reset, step = env.reset, env._env.step
+    current = {}
+
+    def recorded_reset(*, seed):
+        current["seed"] = seed
+        log[seed] = []
+        return reset(seed=seed)
+
+    def recorded_step(action):
+        log[current["seed"]].append(np.array(action))
+        return step(action)
+
+    env.reset, env._env.step = recorded_reset, recorded_step
+    return env
+
+
+def test_batched_evaluation_replays_lerobot_evals_one_env_loop(tmp_path, monkeypatch):
+    """Episodes evaluated side by side take, action by action, the actions of lerobot-eval's loop: one
+    env, ``select_action`` (a new chunk when its queue is empty), torch's generator seeded per episode."""
+    from lerobot.envs.utils import preprocess_observation
+
     from vlaprune.models.builtin import smolvla
 
     root = tmp_path / "demos"
     mw.generate_demos(_small(episodes_per_task=1, image_size=32), root, progress=False)
     bundle = smolvla.build_for_dataset("small", root, "local/metaworld", seed=0)
-    result = mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor, ["reach-v3"],
-                         episodes_per_task=2, image_size=32, max_steps=12, progress=False)
+    policy, pre, post = bundle.policy, bundle.preprocessor, bundle.postprocessor
+    policy.eval()
+    episodes, max_steps = 3, 23  # 2 chunks and a part of a third (n_action_steps 10)
+
+    def select_action(obs, _raw_obs, env):
+        observation = preprocess_observation({"pixels": obs["pixels"][None], "agent_pos": obs["agent_pos"][None]})
+        observation["task"] = [env.task_description]
+        with torch.inference_mode():
+            return post(policy.select_action(pre(observation))).numpy()[0]
+
+    reference: dict[int, list[np.ndarray]] = {}
+    env = _recording(mw.make_env("reach-v3", 32), reference)
+    try:
+        for k in range(episodes):
+            seed = mw.EVAL_SEED_BASE + k
+            policy.reset()
+            torch.manual_seed(seed)
+            mw.rollout(env, select_action, seed, max_steps)
+    finally:
+        mw.close_env(env)
+
+    batched: dict[int, list[np.ndarray]] = {}
+    make_env = mw.make_env
+    monkeypatch.setattr(mw, "make_env", lambda task, size: _recording(make_env(task, size), batched))
+    result = mw.evaluate(policy, pre, post, ["reach-v3"], episodes_per_task=episodes, image_size=32,
+                         max_steps=max_steps, batch_size=2, progress=False)
+    assert sorted(batched) == sorted(reference) == [mw.EVAL_SEED_BASE + k for k in range(episodes)]
+    for seed, actions in reference.items():
+        assert len(batched[seed]) == len(actions) == max_steps
+        np.testing.assert_allclose(np.stack(batched[seed]), np.stack(actions), rtol=0, atol=1e-5)
+    assert len(set(map(lambda a: a[0].tobytes(), reference.values()))) == episodes  # the seeds matter
     task = result["tasks"]["reach-v3"]
-    assert task["episodes"] == 2 and len(task["steps"]) == 2 and all(1 <= n <= 12 for n in task["steps"])
-    assert result["success_rate"] == task["success_rate"] == task["successes"] / 2
+    assert task["episodes"] == episodes and task["steps"] == [max_steps] * episodes
+    assert result["success_rate"] == task["success_rate"] == task["successes"] / episodes
+
+
+def test_an_episode_leaves_the_batch_when_it_succeeds():
+    class Env:
+        task_description = "t"
+
+        def __init__(self, succeed_at):
+            self.succeed_at, self.steps = succeed_at, 0
+            self._env = self
+
+        def reset(self, *, seed):
+            return {"pixels": 0, "agent_pos": 0}, {}
+
+        def step(self, action):
+            self.steps += 1
+            return None, 0.0, False, False, {"success": self.steps == self.succeed_at}
+
+        def _format_raw_obs(self, raw):
+            return {"pixels": 0, "agent_pos": 0}
+
+    class Policy:
+        def reset(self):
+            pass
+
+    asked = []
+
+    def act(observations, envs, noise):
+        asked.append(len(envs))
+        return np.zeros((len(envs), 4, 4))
+
+    envs = [Env(3), Env(6), Env(100)]
+    results = mw._episodes(envs, [1, 2, 3], act, (1, 5, 2), 9, Policy())
+    assert results == [(True, 3), (True, 6), (False, 9)]
+    assert asked == [3, 2, 1]  # chunks at steps 1, 5, 9: the finished episodes no longer asked
+    assert [e.steps for e in envs] == [3, 6, 9]
 
 
 def test_frames_stay_rendered_after_another_env_is_freed():

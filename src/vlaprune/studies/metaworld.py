@@ -340,52 +340,75 @@ def _record(config: DemoConfig, root: Path, repo_id: str, progress: bool) -> Dem
     return summary
 
 
-def policy_actor(policy: Any, preprocessor: Any, postprocessor: Any) -> Act:
-    """Act as ``lerobot-eval`` does: LeRobot's ``preprocess_observation``, the env's task description,
-    the policy's processors, ``select_action`` (a new chunk when the queue is empty), unnormalise.
-    Call ``policy.reset()`` at the start of each episode."""
+ChunkActor = Callable[[Sequence[dict[str, Any]], Sequence[Any], Any], np.ndarray]
+
+
+def chunk_actor(policy: Any, preprocessor: Any, postprocessor: Any) -> ChunkActor:
+    """Act as ``lerobot-eval`` does, for several envs at once: LeRobot's ``preprocess_observation``,
+    each env's task description, the policy's processors, one action chunk per env from
+    ``predict_action_chunk`` with the given flow noise, unnormalised. Returns the first
+    ``n_action_steps`` actions of each chunk, (envs, n_action_steps, action_dim): what ``select_action``
+    would queue. Call ``policy.reset()`` at the start of each episode."""
     import torch
     from lerobot.envs.utils import preprocess_observation
 
-    def act(obs: dict[str, Any], _raw_obs: np.ndarray, env: Any) -> np.ndarray:
-        observation = preprocess_observation({"pixels": obs["pixels"][None], "agent_pos": obs["agent_pos"][None]})
-        observation["task"] = [env.task_description]
+    steps = policy.config.n_action_steps
+
+    def act(observations: Sequence[dict[str, Any]], envs: Sequence[Any], noise: Any) -> np.ndarray:
+        observation = preprocess_observation({"pixels": np.stack([o["pixels"] for o in observations]),
+                                              "agent_pos": np.stack([o["agent_pos"] for o in observations])})
+        observation["task"] = [env.task_description for env in envs]
         with torch.inference_mode():
-            action = policy.select_action(preprocessor(observation))
-        return np.asarray(postprocessor(action).to("cpu").numpy()[0])
+            chunk = policy.predict_action_chunk(preprocessor(observation), noise=noise)
+            return np.asarray(postprocessor(chunk[:, :steps]).to("cpu").numpy())
 
     return act
 
 
+def flow_noise_shape(policy: Any) -> tuple[int, int]:
+    """(chunk_size, max_action_dim): the flow-matching noise of one action chunk of a SmolVLA or pi0."""
+    config = policy.config
+    if not (hasattr(config, "chunk_size") and hasattr(config, "max_action_dim")):
+        raise TypeError(f"{type(policy).__name__}: evaluation draws flow-matching noise of shape (chunk_size, "
+                        "max_action_dim); this policy's config has no such fields")
+    return config.chunk_size, config.max_action_dim
+
+
 def evaluate(policy: Any, preprocessor: Any, postprocessor: Any, tasks: Sequence[str], *,
              episodes_per_task: int = 20, image_size: int = 64, max_steps: int = 200, seed: int = 0,
-             progress: bool = True) -> dict[str, Any]:
+             batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
     """Closed-loop success of ``policy`` on ``tasks``, from evaluation seeds (``EVAL_SEED_BASE`` +
-    ``seed`` · 100,000 + task index · 1000 + episode) that no demonstration uses. Each episode seeds
-    torch's generator with its evaluation seed, so the policy's sampling noise replays too."""
-    import torch
+    ``seed`` · 100,000 + task index · 1000 + episode) that no demonstration uses.
+
+    Up to ``batch_size`` episodes of a task run side by side, one env each, their action chunks
+    computed in one batch; an episode leaves the batch when it succeeds. Each episode draws its flow
+    noise from its own generator seeded with its evaluation seed, the stream ``select_action`` draws
+    from torch's global generator seeded so: an episode replays exactly, whatever runs beside it, and
+    equals ``lerobot-eval``'s one-env loop (``tests/test_metaworld.py`` checks it action by action).
+    """
     from tqdm import tqdm
 
     check_tasks(tasks)
-    if episodes_per_task < 1 or max_steps < 1:
-        raise ValueError("episodes_per_task and max_steps must be >= 1")
+    if episodes_per_task < 1 or max_steps < 1 or batch_size < 1:
+        raise ValueError("episodes_per_task, max_steps and batch_size must be >= 1")
     policy.eval()
-    act = policy_actor(policy, preprocessor, postprocessor)
+    act = chunk_actor(policy, preprocessor, postprocessor)
+    noise_shape = (1, *flow_noise_shape(policy))
     per_task: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(tasks) * episodes_per_task, desc="evaluation episodes", disable=not progress)
     start = time.perf_counter()
     for t, task in enumerate(tasks):
-        env = make_env(task, image_size)
-        results = []
+        envs = [make_env(task, image_size) for _ in range(min(batch_size, episodes_per_task))]
+        results: list[tuple[bool, int]] = []
         try:
-            for k in range(episodes_per_task):
-                episode_seed = EVAL_SEED_BASE + seed * 100_000 + t * 1000 + k
-                policy.reset()
-                torch.manual_seed(episode_seed)  # the flow's noise: an episode replays exactly
-                results.append(rollout(env, act, episode_seed, max_steps))
-                bar.update(1)
+            for first in range(0, episodes_per_task, len(envs)):
+                seeds = [EVAL_SEED_BASE + seed * 100_000 + t * 1000 + k
+                         for k in range(first, min(first + len(envs), episodes_per_task))]
+                results += _episodes(envs[: len(seeds)], seeds, act, noise_shape, max_steps, policy)
+                bar.update(len(seeds))
         finally:
-            close_env(env)
+            for env in envs:
+                close_env(env)
         per_task[task] = {"episodes": len(results), "successes": sum(ok for ok, _ in results),
                           "success_rate": sum(ok for ok, _ in results) / len(results),
                           "steps": [n for _, n in results]}
@@ -393,3 +416,34 @@ def evaluate(policy: Any, preprocessor: Any, postprocessor: Any, tasks: Sequence
     rates = [r["success_rate"] for r in per_task.values()]
     return {"success_rate": sum(rates) / len(rates), "tasks": per_task, "seed": seed,
             "max_steps": max_steps, "image_size": image_size, "seconds": time.perf_counter() - start}
+
+
+def _episodes(envs: Sequence[Any], seeds: Sequence[int], act: ChunkActor, noise_shape: tuple[int, ...],
+              max_steps: int, policy: Any) -> list[tuple[bool, int]]:
+    """Episodes side by side, one per env and seed, as :func:`rollout` steps one: (success, steps) each."""
+    import torch
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    observations = [env.reset(seed=s)[0] for env, s in zip(envs, seeds, strict=True)]
+    outcome: list[tuple[bool, int] | None] = [None] * len(envs)
+    queued: dict[int, list[np.ndarray]] = {}
+    for step in range(1, max_steps + 1):
+        active = [i for i, o in enumerate(outcome) if o is None]
+        if not active:
+            break
+        empty = [i for i in active if not queued.get(i)]
+        if empty:
+            policy.reset()  # the chunk is computed here, not queued by the policy
+            noise = torch.cat([torch.normal(0.0, 1.0, noise_shape, generator=generators[i]) for i in empty])
+            chunks = act([observations[i] for i in empty], [envs[i] for i in empty], noise)
+            for i, chunk in zip(empty, chunks, strict=True):
+                queued[i] = list(chunk)
+        for i in active:
+            raw_obs, _, _, truncated, info = envs[i]._env.step(np.asarray(queued[i].pop(0), dtype=np.float32))
+            if info.get("success"):
+                outcome[i] = (True, step)
+            elif truncated:
+                outcome[i] = (False, step)
+            else:
+                observations[i] = envs[i]._format_raw_obs(raw_obs)
+    return [o if o is not None else (False, max_steps) for o in outcome]
