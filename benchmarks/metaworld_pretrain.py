@@ -36,7 +36,8 @@ from vlaprune.models.builtin import smolvla
 from vlaprune.models.loading import load_policy
 from vlaprune.studies import metaworld as mw
 
-HELD_OUT = shipped.HELD_OUT
+MODEL = shipped.get(shipped.SMALL)
+HELD_OUT = MODEL.held_out
 CALIBRATION_EPISODES = 10  # per held-out task (the shipped assets stay under 30 MB)
 
 
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--eval_episodes", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ship", action="store_true", help="store the result as the shipped metaworld:smolvla")
+    parser.add_argument("--ship", action="store_true", help="store the result as the shipped metaworld:smolvla-small")
     args = parser.parse_args()
     tasks = tuple(t for t in mw.MT10 if t not in HELD_OUT)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,7 @@ def main() -> None:
 
     if not data.exists():
         t0 = time.perf_counter()
-        mw.generate_demos(mw.DemoConfig(tasks=tasks, episodes_per_task=args.episodes, image_size=shipped.IMAGE_SIZE,
+        mw.generate_demos(mw.DemoConfig(tasks=tasks, episodes_per_task=args.episodes, image_size=MODEL.image_size,
                                         seed=args.seed), data)
         timings["demos_s"] = time.perf_counter() - t0
     if not start.exists():
@@ -82,7 +83,7 @@ def main() -> None:
 
     bundle = load_policy(str(final))
     result = mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor, tasks,
-                         episodes_per_task=args.eval_episodes, image_size=shipped.IMAGE_SIZE, max_steps=200,
+                         episodes_per_task=args.eval_episodes, image_size=MODEL.image_size, max_steps=200,
                          seed=args.seed)
     summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "tasks": list(tasks),
                "held_out": list(HELD_OUT), "checkpoint": str(final), "timings": timings, "evaluation": result}
@@ -95,17 +96,17 @@ def main() -> None:
 
 
 def ship(checkpoint: Path, seed: int) -> None:
-    calibration = shipped.CALIBRATION_ROOT.with_name(shipped.CALIBRATION_ROOT.name + ".new")
+    calibration = MODEL.calibration_root.with_name(MODEL.calibration_root.name + ".new")
     if calibration.exists():
         shutil.rmtree(calibration)
     mw.generate_demos(mw.DemoConfig(tasks=HELD_OUT, episodes_per_task=CALIBRATION_EPISODES,
-                                    image_size=shipped.IMAGE_SIZE, seed=seed), calibration,
+                                    image_size=MODEL.image_size, seed=seed), calibration,
                       repo_id=shipped.CALIBRATION_REPO_ID)
-    shipped.export(checkpoint, shipped.POLICY_DIR)
-    if shipped.CALIBRATION_ROOT.exists():
-        shutil.rmtree(shipped.CALIBRATION_ROOT)
-    calibration.rename(shipped.CALIBRATION_ROOT)
-    print(f"shipped: {shipped.POLICY_DIR} and {shipped.CALIBRATION_ROOT}")
+    shipped.export(checkpoint, MODEL.spec)
+    if MODEL.calibration_root.exists():
+        shutil.rmtree(MODEL.calibration_root)
+    calibration.rename(MODEL.calibration_root)
+    print(f"shipped: {MODEL.stored} and {MODEL.calibration_root}")
 
 
 if __name__ == "__main__":

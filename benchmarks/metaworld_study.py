@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from vlaprune.io.provenance import machine_description
 from vlaprune.models import shipped
-from vlaprune.models.loading import TRAINED_SPECS, load_policy
+from vlaprune.models.loading import load_policy
 from vlaprune.pipelines.analyze import run_analyze
 from vlaprune.pipelines.bench import run_bench
 from vlaprune.pipelines.config import (
@@ -67,9 +67,11 @@ UNIT_SETTINGS = ("policy", "data_root", "data_repo_id", "steps", "batch_size", "
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--policy", default=shipped.SPEC, help="pretrained policy (checkpoint dir or spec)")
-    parser.add_argument("--data_root", type=Path, default=shipped.CALIBRATION_ROOT,
-                        help="LeRobotDataset of the held-out tasks (calibration and fine-tuning)")
+    parser.add_argument("--policy", default=shipped.SMALL, choices=tuple(shipped.MODELS),
+                        help="the shipped pretrained policy: its held-out tasks and camera size define the study")
+    parser.add_argument("--data_root", type=Path, default=None,
+                        help="LeRobotDataset of the held-out tasks (calibration and fine-tuning; default: the "
+                             "shipped calibration set)")
     parser.add_argument("--data_repo_id", default=shipped.CALIBRATION_REPO_ID)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, "bi", "angular"))
@@ -94,7 +96,10 @@ class Study:
         self.args = args
         self.out: Path = args.out
         self.records_path = self.out / "records.jsonl"
-        self.held_out = shipped.HELD_OUT
+        self.model = shipped.get(args.policy)
+        self.held_out = self.model.held_out
+        if args.data_root is None:
+            args.data_root = self.model.calibration_root
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def check_settings(self) -> None:
@@ -141,7 +146,7 @@ class Study:
         return f"{method}@{ratio:g}" + (f"-s{seed}" if method == "random" and seed is not None else "")
 
     def source_dir(self) -> Path:
-        return shipped.policy_dir() if self.args.policy in TRAINED_SPECS else Path(self.args.policy)
+        return shipped.policy_dir(self.args.policy)
 
     def analysis(self) -> Path:
         out = self.out / "analysis"
@@ -177,7 +182,7 @@ class Study:
     def evaluate(self, checkpoint: Path, seed: int) -> dict[str, Any]:
         bundle = load_policy(str(checkpoint), device=self.args.device)
         return mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor, self.held_out,
-                           episodes_per_task=self.args.eval_episodes, image_size=shipped.IMAGE_SIZE,
+                           episodes_per_task=self.args.eval_episodes, image_size=self.model.image_size,
                            max_steps=self.args.max_steps, seed=seed, progress=False)
 
     def finetune(self, start: Path, name: str, seed: int) -> tuple[Path, dict[str, Any]]:
@@ -320,7 +325,7 @@ def write_results(out: Path, args: argparse.Namespace, records: dict[str, dict[s
                   variants: list[tuple[str, float | None]]) -> None:
     rows = summarize(records, variants)
     machine = machine_description(args.device)
-    result = {"settings": {k: str(v) for k, v in vars(args).items()}, "held_out": list(shipped.HELD_OUT),
+    result = {"settings": {k: str(v) for k, v in vars(args).items()}, "held_out": list(shipped.get(args.policy).held_out),
               "machine": machine, "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     text = table(rows)

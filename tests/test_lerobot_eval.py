@@ -21,8 +21,8 @@ from vlaprune.studies.train import lerobot_train
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_stock_lerobot_eval_runs_a_pruned_fine_tuned_checkpoint(tmp_path):
-    data = {"repo_id": shipped.CALIBRATION_REPO_ID, "root": str(shipped.CALIBRATION_ROOT)}
-    pruned = run_prune(PruneConfig(policy=PolicyArgs(path=shipped.SPEC), dataset=DatasetArgs(**data),
+    data = {"repo_id": shipped.CALIBRATION_REPO_ID, "root": str(shipped.get(shipped.SMALL).calibration_root)}
+    pruned = run_prune(PruneConfig(policy=PolicyArgs(path=shipped.SMALL), dataset=DatasetArgs(**data),
                                    calibration=CalibrationArgs(num_samples=8, batch_size=4), holdout_samples=4,
                                    ratio=0.5, out=str(tmp_path / "pruned"))).out
     tuned = lerobot_train(pruned, **data, out=tmp_path / "train", steps=2, batch_size=4, num_workers=0).checkpoint

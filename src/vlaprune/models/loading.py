@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_SPECS = ("tiny:smolvla", "tiny:pi0", "tiny:pi05", "tiny:groot", "tiny:groot_n15", "real:smolvla",
                  "real:pi0", "real:pi05", "real:groot", "pretrained:smolvla")
-TRAINED_SPECS = (shipped.SPEC,)  # trained weights that come with vlaprune
+TRAINED_SPECS = tuple(shipped.MODELS)  # trained weights that come with vlaprune
 
 
 def is_builtin(spec: str) -> bool:
@@ -27,12 +27,12 @@ def is_builtin(spec: str) -> bool:
 
 def load_policy(spec: str, *, seed: int = 0, device: str = "cpu") -> PolicyBundle:
     """Load ``spec``: ``tiny:<family>`` / ``real:<family>`` (built offline, seeded random weights),
-    ``metaworld:smolvla`` (the shipped trained model), a local LeRobot checkpoint directory, or a hub
+    ``metaworld:smolvla`` / ``metaworld:smolvla-small`` (the shipped trained models), a local LeRobot checkpoint directory, or a hub
     repo id (downloaded by LeRobot; not possible offline)."""
     if is_builtin(spec):
         bundle = _build_builtin(spec, seed=seed)
     elif spec in TRAINED_SPECS:
-        bundle = replace(_load_pretrained(str(shipped.policy_dir()), local=True), spec=spec)
+        bundle = replace(_load_pretrained(str(shipped.policy_dir(spec)), local=True), spec=spec)
     elif Path(spec).exists():
         bundle = _load_n15(spec) if isaac_n15.is_n15_checkpoint(spec) else _load_pretrained(spec, local=True)
     elif Path(spec).is_absolute() or spec.startswith((".", "~")) or spec.count("/") != 1:

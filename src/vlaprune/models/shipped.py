@@ -1,12 +1,17 @@
-"""The trained model shipped with vlaprune: a small SmolVLA pretrained on MetaWorld, and its calibration set.
+"""The trained models shipped with vlaprune, and their calibration sets.
 
-``metaworld:smolvla`` (``--policy.path=metaworld:smolvla``) is a 12 + 12 layer SmolVLA (3.6M
-parameters, 64 px camera) trained from scratch with ``lerobot-train`` on scripted demonstrations of
-MT10 minus the two held-out tasks (``benchmarks/metaworld_pretrain.py --ship`` regenerates it). The
-calibration set holds demonstrations of the held-out tasks (``HELD_OUT``): the data to calibrate and
-fine-tune on, never seen in pretraining.
+- ``metaworld:smolvla``: ``pretrained:smolvla`` (SmolLM2-135M text layers and a DINOv2-S tower,
+  from two registry packages) after robot pretraining on MetaWorld MT50 minus held-out candidate
+  tasks (``benchmarks/testbed_pretrain.py --ship`` regenerates it). The repository stores only what
+  the packages do not give: the trained connector, projections and action expert, large matrices
+  as int8 rows (:mod:`vlaprune.io.quantized`). The rest is rebuilt from the packages and the build
+  seed, and the model loaded is exactly that rebuild plus the stored tensors.
+- ``metaworld:smolvla-small``: a 12 + 12 layer SmolVLA (3.6M parameters, 64 px camera) trained from
+  scratch on MT10 minus two held-out tasks (``benchmarks/metaworld_pretrain.py --ship``), stored whole.
+  Fast: the test suite's trained fixture, and the demo's model until ``metaworld:smolvla`` has its
+  held-out set.
 
-The repository stores the checkpoint with a placeholder where LeRobot expects the path of the VLM's
+The repository stores each checkpoint with a placeholder where LeRobot expects the path of the VLM's
 config and tokenizer (generated offline, per machine: :func:`vlaprune.models.builtin.smolvla.smolvlm_dir`).
 :func:`policy_dir` fills it in and caches a ready LeRobot checkpoint directory, usable by
 ``lerobot-train`` and ``lerobot-eval`` as well.
@@ -17,61 +22,164 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlaprune.io.cache import generated_dir
 
-SPEC = "metaworld:smolvla"
-ASSETS = Path(__file__).parents[1] / "assets" / "metaworld"
-POLICY_DIR = ASSETS / "policy"  # as stored: VLM paths replaced by VLM_PLACEHOLDER
-CALIBRATION_ROOT = ASSETS / "heldout"
+ASSETS_ROOT = Path(__file__).parents[1] / "assets"
 CALIBRATION_REPO_ID = "local/metaworld_heldout"
-HELD_OUT = ("drawer-close-v3", "window-close-v3")  # left out of pretraining, for fine-tuning
-IMAGE_SIZE = 64
-VLM_PLACEHOLDER = "vlaprune:smolvlm-small"
+TRAINED_WEIGHTS = "trained.safetensors"  # a pretrained-based model's stored tensors (int8 rows)
 _PATH_FILES = ("config.json", "policy_preprocessor.json")  # the files that name the VLM directory
 
 
-def policy_dir() -> Path:
-    """A LeRobot checkpoint directory of the shipped policy, with this machine's VLM paths (cached)."""
+@dataclass(frozen=True)
+class ShippedModel:
+    spec: str
+    folder: str  # under ASSETS_ROOT: policy/ (the stored checkpoint) and heldout/ (its calibration set)
+    size: str  # the built-in SmolVLA it was trained from
+    image_size: int
+    held_out: tuple[str, ...]  # left out of pretraining, for fine-tuning
+    regenerate: str  # the command that regenerates it
+
+    @property
+    def assets(self) -> Path:
+        return ASSETS_ROOT / self.folder
+
+    @property
+    def stored(self) -> Path:
+        return self.assets / "policy"
+
+    @property
+    def calibration_root(self) -> Path:
+        return self.assets / "heldout"
+
+    @property
+    def placeholder(self) -> str:
+        return f"vlaprune:smolvlm-{self.size}"
+
+    @property
+    def delta(self) -> bool:
+        """Stored as the tensors training changed (the rest rebuilt from the packages), not whole."""
+        return self.size == "pretrained"
+
+
+SPEC = "metaworld:smolvla"
+SMALL = "metaworld:smolvla-small"
+MODELS = {
+    SPEC: ShippedModel(SPEC, "metaworld", "pretrained", 112, (),
+                       "python benchmarks/testbed_pretrain.py --out outputs/testbed --demos data/mt50 --ship"),
+    SMALL: ShippedModel(SMALL, "metaworld_small", "small", 64, ("drawer-close-v3", "window-close-v3"),
+                        "python benchmarks/metaworld_pretrain.py --ship"),
+}
+
+
+def get(spec: str) -> ShippedModel:
+    if spec not in MODELS:
+        raise ValueError(f"{spec!r} is not a shipped model; shipped: {', '.join(MODELS)}")
+    return MODELS[spec]
+
+
+def policy_dir(spec: str = SPEC) -> Path:
+    """A LeRobot checkpoint directory of the shipped policy ``spec``, with this machine's VLM paths (cached)."""
     from vlaprune.models.builtin import smolvla
 
-    weights = POLICY_DIR / "model.safetensors"
+    model = get(spec)
+    weights = model.stored / (TRAINED_WEIGHTS if model.delta else "model.safetensors")
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the shipped model comes with the repository (a clone "
-                                "without it is incomplete); regenerate it with benchmarks/metaworld_pretrain.py --ship")
-    vlm = smolvla.smolvlm_dir("small")
+                                f"without it is incomplete); regenerate it with {model.regenerate}")
+    vlm = str(smolvla.smolvlm_dir(model.size))  # type: ignore[arg-type]
     digest = hashlib.sha256()
-    for path in sorted(POLICY_DIR.iterdir()):
+    for path in sorted(model.stored.iterdir()):
         digest.update(path.name.encode() + path.read_bytes())
-    payload = {"files": digest.hexdigest(), "vlm": str(vlm)}
-    return generated_dir("metaworld-smolvla", payload, marker="model.safetensors",
-                         write=lambda tmp: _copy(POLICY_DIR, tmp, VLM_PLACEHOLDER, str(vlm)))
+    payload = {"files": digest.hexdigest(), "vlm": vlm}
+
+    def write(tmp: Path) -> None:
+        _copy(model.stored, tmp, model.placeholder, vlm)
+        if model.delta:
+            _assemble(tmp)
+
+    return generated_dir(spec.replace(":", "-"), payload, marker="model.safetensors", write=write)
 
 
-def export(checkpoint: Path, dest: Path) -> None:
-    """Store ``checkpoint`` (a trained ``small`` SmolVLA) at ``dest`` in the shipped form (atomically)."""
+def _assemble(directory: Path) -> None:
+    """Write ``model.safetensors`` of a delta-stored checkpoint: the rebuilt start plus the stored tensors."""
+    from safetensors.torch import save_model
+
+    from vlaprune.io.quantized import load_quantized
+    from vlaprune.models.builtin import smolvla
+    from vlaprune.models.builtin.common import check_tensors
+
+    trained, metadata = load_quantized(directory / TRAINED_WEIGHTS)
+    policy = smolvla.rebuild_pretrained(directory, seed=int(metadata["seed"]))
+    state = policy.state_dict()
+    unknown = sorted(trained.keys() - state.keys())
+    if unknown:
+        raise ValueError(f"{directory / TRAINED_WEIGHTS}: tensors {unknown[:5]} are not in the policy")
+    check_tensors(str(directory / TRAINED_WEIGHTS), trained, {k: tuple(state[k].shape) for k in trained})
+    policy.load_state_dict(trained, strict=False)
+    (directory / TRAINED_WEIGHTS).unlink()
+    save_model(policy, str(directory / "model.safetensors"))
+
+
+def export(checkpoint: Path, spec: str, *, seed: int = 0) -> None:
+    """Store ``checkpoint`` (trained from the built-in ``spec`` is made of) as the shipped ``spec``,
+    atomically. A delta-stored model keeps the tensors that differ from its rebuilt start
+    (:func:`vlaprune.models.builtin.smolvla.rebuild_pretrained` with ``seed``); it refuses a
+    checkpoint that changed a tensor the packages give (the text or vision layers)."""
     from vlaprune.models.builtin import smolvla
 
+    model = get(spec)
     config = json.loads((checkpoint / "config.json").read_text())
-    vlm = str(smolvla.smolvlm_dir("small"))
+    vlm = str(smolvla.smolvlm_dir(model.size))  # type: ignore[arg-type]
     if config.get("type") != "smolvla" or config.get("vlm_model_name") != vlm:
-        raise ValueError(f"{checkpoint} is not a small SmolVLA built on this machine (type {config.get('type')!r}, "
-                         f"vlm_model_name {config.get('vlm_model_name')!r}, expected {vlm!r})")
+        raise ValueError(f"{checkpoint} is not a {model.size} SmolVLA built on this machine (type "
+                         f"{config.get('type')!r}, vlm_model_name {config.get('vlm_model_name')!r}, expected {vlm!r})")
+    dest = model.stored
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    _copy(checkpoint, tmp, vlm, VLM_PLACEHOLDER)
-    (tmp / "config.json").write_text(  # provenance of this machine's training run: not needed to load
-        json.dumps({**json.loads((tmp / "config.json").read_text()), "pretrained_path": None}, indent=4))
+    try:
+        _copy(checkpoint, tmp, vlm, model.placeholder, skip=("model.safetensors",) if model.delta else ())
+        (tmp / "config.json").write_text(  # provenance of this machine's training run: not needed to load
+            json.dumps({**json.loads((tmp / "config.json").read_text()), "pretrained_path": None}, indent=4))
+        if model.delta:
+            _store_delta(checkpoint, tmp / TRAINED_WEIGHTS, seed)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 
 
-def _copy(src: Path, dest: Path, old: str, new: str) -> None:
+def _store_delta(checkpoint: Path, path: Path, seed: int) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from vlaprune.io.quantized import save_quantized
+    from vlaprune.models.builtin import smolvla
+
+    trained = load_file(str(checkpoint / "model.safetensors"))
+    start = smolvla.rebuild_pretrained(checkpoint, seed=seed)
+    given = {f"model.vlm_with_expert.vlm.model.{k}"
+             for k in smolvla.pretrained_vlm_state(start, smolvla.smolvlm_dir("pretrained"))}
+    base = start.state_dict()
+    if trained.keys() != base.keys():
+        raise ValueError(f"{checkpoint}: tensors {sorted(trained.keys() ^ base.keys())[:5]} are not those of "
+                         "pretrained:smolvla for its config")
+    delta = {k: v for k, v in trained.items() if not torch.equal(v, base[k])}
+    changed = sorted(given & delta.keys())
+    if changed:
+        raise ValueError(f"{checkpoint}: training changed {len(changed)} tensors the packages give (e.g. "
+                         f"{changed[0]}); this storage keeps them as the packages have them: train with them frozen")
+    save_quantized(delta, path, metadata={"seed": str(seed), "start": "pretrained:smolvla"})
+
+
+def _copy(src: Path, dest: Path, old: str, new: str, *, skip: tuple[str, ...] = ()) -> None:
     """Copy a checkpoint's files (not train_config.json: training provenance) swapping the VLM path."""
     dest.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.iterdir()):
-        if path.name == "train_config.json" or not path.is_file():
+        if path.name == "train_config.json" or path.name in skip or not path.is_file():
             continue
         if path.name in _PATH_FILES:
             text = path.read_text()

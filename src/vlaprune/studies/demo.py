@@ -1,7 +1,8 @@
 """``make demo`` (``python -m vlaprune.studies.demo``): the whole job on real trained weights, offline, in minutes.
 
-The shipped ``metaworld:smolvla`` (a small SmolVLA pretrained on 8 MetaWorld tasks, see
-:mod:`vlaprune.models.shipped`) →
+The shipped ``metaworld:smolvla-small`` (a small SmolVLA pretrained on 8 MetaWorld tasks, see
+:mod:`vlaprune.models.shipped`; the pretrained-weights ``metaworld:smolvla`` takes its place once its
+held-out set is shipped) →
 
 1. ``analyze``: one calibration pass on demonstrations of the two held-out tasks, CKA heatmaps;
 2. ``prune`` to half depth (``cka-dp``), verified against the source with the removed blocks skipped;
@@ -25,6 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+DEMO_MODEL = "metaworld:smolvla-small"  # a spec of vlaprune.models.shipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +69,10 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from vlaprune.studies.train import lerobot_train
 
     start = time.perf_counter()
-    mw.check_tasks(shipped.HELD_OUT)  # fails early, naming what to install, if MetaWorld is missing
-    policy = PolicyArgs(path=shipped.SPEC, device=args.device)
-    data = DatasetArgs(repo_id=shipped.CALIBRATION_REPO_ID, root=str(shipped.CALIBRATION_ROOT))
+    model = shipped.get(DEMO_MODEL)
+    mw.check_tasks(model.held_out)  # fails early, naming what to install, if MetaWorld is missing
+    policy = PolicyArgs(path=model.spec, device=args.device)
+    data = DatasetArgs(repo_id=shipped.CALIBRATION_REPO_ID, root=str(model.calibration_root))
     seconds: dict[str, float] = {}
 
     with _stage("1/5 analyze: calibration pass, CKA per stack", seconds):
@@ -82,8 +86,8 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         (out / "bench.json").write_text(json.dumps(bench, indent=1))
     runs = {}
     with _stage(f"4/5 fine-tune: lerobot-train, {args.steps} steps each at batch {args.batch_size}", seconds):
-        for name, checkpoint in (("full", shipped.policy_dir()), ("pruned", out / "pruned")):
-            runs[name] = lerobot_train(checkpoint, repo_id=data.repo_id or "", root=shipped.CALIBRATION_ROOT,
+        for name, checkpoint in (("full", shipped.policy_dir(model.spec)), ("pruned", out / "pruned")):
+            runs[name] = lerobot_train(checkpoint, repo_id=data.repo_id or "", root=model.calibration_root,
                                        out=out / "finetune" / name, steps=args.steps, batch_size=args.batch_size,
                                        seed=args.seed, device=args.device)
     evaluations = {}
@@ -91,12 +95,12 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         for name, run_ in runs.items():
             bundle = load_policy(str(run_.checkpoint), device=args.device)
             evaluations[name] = mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor,
-                                            shipped.HELD_OUT, episodes_per_task=args.episodes,
-                                            image_size=shipped.IMAGE_SIZE, max_steps=args.max_steps, seed=args.seed,
+                                            model.held_out, episodes_per_task=args.episodes,
+                                            image_size=model.image_size, max_steps=args.max_steps, seed=args.seed,
                                             progress=False)
 
     results = {
-        "policy": shipped.SPEC, "held_out_tasks": list(shipped.HELD_OUT), "ratio": args.ratio,
+        "policy": model.spec, "held_out_tasks": list(model.held_out), "ratio": args.ratio,
         "success_full": evaluations["full"]["success_rate"], "success_pruned": evaluations["pruned"]["success_rate"],
         "success_per_task": {name: {t: r["success_rate"] for t, r in e["tasks"].items()}
                              for name, e in evaluations.items()},
@@ -158,7 +162,7 @@ def summary_table(r: dict[str, Any]) -> str:
 
 def report(r: dict[str, Any], plan_text: str) -> str:
     return "\n".join([
-        "# vlaprune demo: metaworld:smolvla, full vs pruned", "",
+        f"# vlaprune demo: {r['policy']}, full vs pruned", "",
         f"Held-out tasks (never seen in pretraining): {', '.join(r['held_out_tasks'])}. Both policies were "
         f"fine-tuned with lerobot-train for {r['finetune_steps']} steps at batch {r['batch_size']} and evaluated "
         f"closed-loop on {r['episodes_per_task']} episodes per task (a small sample: see the quality study in the "

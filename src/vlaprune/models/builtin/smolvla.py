@@ -129,7 +129,6 @@ def build(size: Size, *, seed: int = 0, features: tuple[dict[str, Any], dict[str
     from lerobot.configs import FeatureType, PolicyFeature
     from lerobot.policies.factory import make_pre_post_processors
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
-    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
     vlm_dir = smolvlm_dir(size)
     image_size = spec["vision"]["image_size"]
@@ -153,10 +152,7 @@ def build(size: Size, *, seed: int = 0, features: tuple[dict[str, Any], dict[str
         output_features=outputs,
         **spec["policy"],
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        policy = SmolVLAPolicy(config)
-    policy.to(device="cpu", dtype=torch.float32)
+    policy = _seeded_policy(config, seed)
     if size == "tiny":
         spread_linear_weights(policy, seed=seed)
         perturb_parameters(policy, seed=seed)
@@ -167,6 +163,32 @@ def build(size: Size, *, seed: int = 0, features: tuple[dict[str, Any], dict[str
     preprocessor, postprocessor = make_pre_post_processors(config, dataset_stats=stats)
     return PolicyBundle(spec=f"{size}:smolvla", policy=policy, preprocessor=preprocessor,
                        postprocessor=postprocessor)
+
+
+def _seeded_policy(config: Any, seed: int) -> Any:
+    """``SmolVLAPolicy(config)`` (float32, CPU) with weights drawn from ``seed``; the global RNG state is kept."""
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        policy = SmolVLAPolicy(config)
+    return policy.to(device="cpu", dtype=torch.float32)
+
+
+def rebuild_pretrained(checkpoint: Path, *, seed: int) -> Any:
+    """The untrained start of a checkpoint trained from ``pretrained:smolvla`` (eval, float32, CPU): the
+    policy :func:`build` makes for the checkpoint's config with ``seed``, the packages' text and vision
+    weights in its VLM, every other tensor as seeded. What training changed is the difference."""
+    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+
+    config = SmolVLAConfig.from_pretrained(checkpoint)
+    vlm_dir = smolvlm_dir("pretrained")
+    if config.vlm_model_name != str(vlm_dir):
+        raise ValueError(f"{checkpoint}: vlm_model_name {config.vlm_model_name!r} is not this machine's "
+                         f"pretrained SmolVLM directory {str(vlm_dir)!r}")
+    policy = _seeded_policy(config, seed)
+    load_pretrained_vlm(policy, vlm_dir)
+    return policy.eval()
 
 
 def build_for_dataset(size: Size, root: Path, repo_id: str, *, seed: int = 0) -> PolicyBundle:
@@ -325,20 +347,32 @@ def _pretrained_tokenizer(gguf_tokenizer: Any, max_length: int) -> Any:
     )
 
 
-def load_pretrained_vlm(policy: Any, vlm_dir: Path) -> None:
-    """Give ``policy``'s VLM the converted text and vision weights of ``vlm_dir``: the embedding, the
-    first ``num_vlm_layers`` text layers and the final norm, and the whole vision tower; the connector
-    keeps its seeded initial weights (it is trained). Every kept tensor must be covered exactly."""
+def pretrained_vlm_state(policy: Any, vlm_dir: Path) -> dict[str, torch.Tensor]:
+    """The converted text and vision weights of ``vlm_dir`` that ``policy``'s VLM takes, by name under
+    the VLM (``text_model.layers.0....``): the embedding, the first ``num_vlm_layers`` text layers and
+    the final norm, and the whole vision tower. Every such tensor of the policy must be covered exactly."""
     from safetensors.torch import load_file
 
     weights = load_file(str(vlm_dir / PRETRAINED_WEIGHTS))
     vlm = policy.model.vlm_with_expert.get_vlm_model()
+    taken: dict[str, torch.Tensor] = {}
     for part in ("text_model", "vision_model"):
-        module = getattr(vlm, part)
         prefix = f"{part}."
         state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        wanted = module.state_dict()
+        wanted = getattr(vlm, part).state_dict()
         state = {k: v for k, v in state.items() if k in wanted or not k.startswith("layers.")}  # layers SmolVLA cut
         check_tensors(f"{vlm_dir / PRETRAINED_WEIGHTS} ({part})", state,
-                              {k: tuple(v.shape) for k, v in wanted.items()})
-        module.load_state_dict(state, strict=True)
+                      {k: tuple(v.shape) for k, v in wanted.items()})
+        taken.update({prefix + k: v for k, v in state.items()})
+    return taken
+
+
+def load_pretrained_vlm(policy: Any, vlm_dir: Path) -> None:
+    """Give ``policy``'s VLM the converted text and vision weights (:func:`pretrained_vlm_state`); the
+    connector keeps its seeded initial weights (it is trained)."""
+    vlm = policy.model.vlm_with_expert.get_vlm_model()
+    state = pretrained_vlm_state(policy, vlm_dir)
+    for part in ("text_model", "vision_model"):
+        prefix = f"{part}."
+        getattr(vlm, part).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                           strict=True)
