@@ -325,7 +325,8 @@ def write_results(out: Path, args: argparse.Namespace, records: dict[str, dict[s
                   variants: list[tuple[str, float | None]]) -> None:
     rows = summarize(records, variants)
     machine = machine_description(args.device)
-    result = {"settings": {k: str(v) for k, v in vars(args).items()}, "held_out": list(shipped.get(args.policy).held_out),
+    held_out = list(shipped.get(args.policy).held_out)
+    result = {"settings": {k: str(v) for k, v in vars(args).items()}, "held_out": held_out,
               "machine": machine, "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     text = table(rows)

@@ -32,14 +32,14 @@ def test_matrices_reload_within_half_a_step_and_the_rest_exactly(tmp_path):
 def test_bad_inputs_are_refused(tmp_path):
     from safetensors.torch import save_file
 
-    with pytest.raises(ValueError, match="2-D floating"):
+    with pytest.raises(ValueError, match=r"2-D floating"):
         quantize_rows(torch.zeros(3))
     with pytest.raises(ValueError, match="reserves"):
         save_quantized({"w:scale": torch.zeros(2)}, tmp_path / "a.safetensors")
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(ValueError, match="not a vlaprune.int8-rows.v1 file"):
+    with pytest.raises(ValueError, match=r"not a vlaprune\.int8-rows\.v1 file"):
         load_quantized(tmp_path / "plain.safetensors")
     save_file({"w": torch.zeros(4, 2), "w:scale": torch.ones(3, dtype=torch.float16)},
               str(tmp_path / "torn.safetensors"), metadata={"format": FORMAT})
-    with pytest.raises(ValueError, match="w is stored as torch.float32"):
+    with pytest.raises(ValueError, match=r"w is stored as torch\.float32"):
         load_quantized(tmp_path / "torn.safetensors")

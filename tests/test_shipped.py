@@ -15,7 +15,6 @@ from vlaprune.models.loading import load_policy
 
 from .flow import loss_and_chunk
 
-
 SMALL = shipped.get(shipped.SMALL)
 
 
@@ -106,7 +105,7 @@ def test_a_pretrained_based_model_ships_as_what_training_changed(tmp_path, monke
     start = smolvla.build_for_dataset("pretrained", SMALL.calibration_root, shipped.CALIBRATION_REPO_ID, seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in start.policy.named_parameters():
+        for p in start.policy.parameters():
             if p.requires_grad:  # what robot pretraining trains: connector, projections, expert
                 p.add_(torch.randn(p.shape, generator=g) * p.std().clamp_min(1e-3) * 0.1)
     checkpoint = tmp_path / "trained"

@@ -26,9 +26,10 @@ def is_builtin(spec: str) -> bool:
 
 
 def load_policy(spec: str, *, seed: int = 0, device: str = "cpu") -> PolicyBundle:
-    """Load ``spec``: ``tiny:<family>`` / ``real:<family>`` (built offline, seeded random weights),
-    ``metaworld:smolvla`` / ``metaworld:smolvla-small`` (the shipped trained models), a local LeRobot checkpoint directory, or a hub
-    repo id (downloaded by LeRobot; not possible offline)."""
+    """Load ``spec``: ``tiny:<family>`` / ``real:<family>`` / ``pretrained:smolvla`` (built offline,
+    seeded random weights where not pretrained), ``metaworld:smolvla`` / ``metaworld:smolvla-small``
+    (the shipped trained models), a local LeRobot checkpoint directory, or a hub repo id (downloaded by
+    LeRobot; not possible offline)."""
     if is_builtin(spec):
         bundle = _build_builtin(spec, seed=seed)
     elif spec in TRAINED_SPECS:
