@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,31 @@ def test_demonstrations_are_lerobot_env_frames(tmp_path):
     stored = (first[mw.IMAGE_KEY].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     np.testing.assert_array_equal(stored, obs["pixels"])
     np.testing.assert_allclose(first[mw.STATE_KEY].numpy(), obs["agent_pos"].astype(np.float32))
+
+
+@pytest.mark.slow
+def test_video_demonstrations_are_the_same_episodes_smaller(tmp_path):
+    """``video=True`` records the same episodes (same seeds, states, actions) with frames as AV1 video:
+    lossy but close, and much smaller than PNG frames."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from vlaprune.io.calibration import video_backend
+
+    config = _small(episodes_per_task=1, image_size=64)
+    mw.generate_demos(config, tmp_path / "png", progress=False)
+    mw.generate_demos(replace(config, video=True), tmp_path / "video", progress=False)
+    png = LeRobotDataset("local/metaworld", root=tmp_path / "png")
+    video = LeRobotDataset("local/metaworld", root=tmp_path / "video", video_backend=video_backend())
+    assert len(png) == len(video) and video.meta.features[mw.IMAGE_KEY]["dtype"] == "video"
+    for i in (0, len(png) // 2, len(png) - 1):
+        a, b = png[i], video[i]
+        assert torch.equal(a["action"], b["action"]) and torch.equal(a[mw.STATE_KEY], b[mw.STATE_KEY])
+        assert (a[mw.IMAGE_KEY] - b[mw.IMAGE_KEY]).abs().mean() < 0.03  # of a [0, 1] range
+
+    def size(root):
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and "meta" not in p.parts)
+
+    assert size(tmp_path / "video") * 5 < size(tmp_path / "png")
 
 
 def test_interrupted_run_restarts_cleanly(tmp_path):

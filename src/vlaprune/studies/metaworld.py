@@ -146,6 +146,7 @@ class DemoConfig:
     seed: int = 0  # demonstration seeds: DEMO_SEED_BASE + seed * 100_000 + task index * 1000 + attempt
     max_attempts_per_task: int | None = None  # default: 3 × episodes_per_task + 5
     first_task_index: int = 0  # task index of tasks[0] in the seeds (a task of a larger set recorded alone)
+    video: bool = False  # frames as LeRobot's AV1 video (about 50x smaller, lossy) instead of PNG images
 
     def validate(self) -> None:
         check_tasks(self.tasks)
@@ -166,9 +167,10 @@ class DemoSummary:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _features(size: int) -> dict[str, Any]:
+def _features(size: int, video: bool) -> dict[str, Any]:
     return {
-        IMAGE_KEY: {"dtype": "image", "shape": (size, size, 3), "names": ["height", "width", "channels"]},
+        IMAGE_KEY: {"dtype": "video" if video else "image", "shape": (size, size, 3),
+                    "names": ["height", "width", "channels"]},
         STATE_KEY: {"dtype": "float32", "shape": (4,), "names": ["hand_x", "hand_y", "hand_z", "gripper"]},
         "action": {"dtype": "float32", "shape": (4,), "names": ["dx", "dy", "dz", "grip"]},
     }
@@ -307,8 +309,8 @@ def _record(config: DemoConfig, root: Path, repo_id: str, progress: bool) -> Dem
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from tqdm import tqdm
 
-    dataset = LeRobotDataset.create(repo_id, fps=FPS, features=_features(config.image_size), root=root,
-                                    use_videos=False, video_backend=video_backend())
+    dataset = LeRobotDataset.create(repo_id, fps=FPS, features=_features(config.image_size, config.video), root=root,
+                                    use_videos=config.video, video_backend=video_backend())
     summary = DemoSummary(root=str(root), repo_id=repo_id, config=asdict(config))
     attempts_cap = config.max_attempts_per_task or 3 * config.episodes_per_task + 5
     bar = tqdm(total=len(config.tasks) * config.episodes_per_task, desc="demonstrations", disable=not progress)
