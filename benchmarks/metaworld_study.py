@@ -98,6 +98,9 @@ class Study:
         self.records_path = self.out / "records.jsonl"
         self.model = shipped.get(args.policy)
         self.held_out = self.model.held_out
+        if not self.held_out:
+            raise SystemExit(f"{args.policy} has no held-out tasks chosen yet (benchmarks/testbed_heldout.py "
+                             "measures them): nothing to fine-tune and evaluate on")
         if args.data_root is None:
             args.data_root = self.model.calibration_root
 

@@ -87,7 +87,8 @@ def main() -> None:
         bundle = load_policy(record["finetune"]["checkpoint"])
         record["evaluation"] = mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor, candidates,
                                            episodes_per_task=args.eval_episodes, image_size=model.image_size,
-                                           max_steps=args.max_steps, seed=args.seed)
+                                           max_steps=args.max_steps, seed=args.seed,
+                                           batch_size=min(args.eval_episodes, 10))
         save()
     success = {t: r["success_rate"] for t, r in record["evaluation"]["tasks"].items()}
     record["choice"] = choose(success, args.floor, args.ceiling)

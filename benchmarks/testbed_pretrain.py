@@ -127,7 +127,7 @@ def main() -> None:
     as_stock_smolvla(final)
     record["checkpoint"] = str(final)
     save()
-    if args.ship:
+    if args.ship and "shipped" not in record:
         def ship() -> None:
             shipped.export(final, shipped.SPEC, seed=args.seed)
             files = shipped.get(shipped.SPEC).stored.iterdir()

@@ -63,11 +63,18 @@ def test_text_path_reproduces_the_gguf_model(gguf, built):
 
 
 @pytest.mark.slow
-def test_the_package_files_are_in_the_model(built):
+@pytest.mark.parametrize("spec", ["pretrained:smolvla", "metaworld:smolvla"])
+def test_the_package_files_are_in_the_model(spec, built):
     """A text layer against the GGUF file read with the ``gguf`` package alone (not transformers'
-    reader), and a vision layer against the ONNX file's converted weights."""
+    reader), and a vision layer against the ONNX file's converted weights: in the built model and in
+    the shipped one robot-pretrained from it."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
+
+    from vlaprune import load_policy
+
+    if spec != built.spec:
+        built = load_policy(spec)
 
     reader = GGUFReader(smollm2.gguf_path())
     (tensor,) = [t for t in reader.tensors if t.name == "blk.5.ffn_down.weight"]
