@@ -10,7 +10,10 @@ solves, or never, cannot show a pruned model doing better or worse. Stages, each
 3. closed-loop success per candidate (``--eval_episodes`` each, evaluation positions no
    demonstration uses);
 4. the choice (:func:`choose`): candidates strictly between ``--floor`` and ``--ceiling``, at least
-   four, written with the measurements to ``--results``.
+   four, written with the measurements to ``--results``;
+5. with ``--ship``: the chosen tasks' demonstrations (the same episodes, frames as AV1 video) stored
+   as ``metaworld:smolvla``'s calibration and fine-tuning set. Its ``held_out`` in
+   :mod:`vlaprune.models.shipped` is then set to the chosen tasks by hand (a test checks they agree).
 
     python benchmarks/testbed_heldout.py --out outputs/heldout --demos data/mt50 \\
         --results benchmarks/results/testbed_heldout_cpu.json
@@ -57,6 +60,9 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=0.1)
     parser.add_argument("--ceiling", type=float, default=0.9)
     parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--ship", action="store_true", help="store the chosen tasks' demonstrations as the "
+                        "shipped calibration set")
+    parser.add_argument("--episodes", type=int, default=20, help="demonstrations per chosen task to ship")
     args = parser.parse_args()
     model = shipped.get(shipped.SPEC)
     candidates = list(model.kept_out)
@@ -96,6 +102,10 @@ def main() -> None:
     if args.results:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(record_path.read_text())
+    if args.ship:
+        if not record["choice"]["enough"]:
+            raise SystemExit(f"only {record['choice']['tasks']} lie inside the range: nothing shipped")
+        ship(record["choice"]["tasks"], model, args.out / "ship", args.episodes)
     print("| candidate | success, full fine-tuned |\n|---|---|")
     for task, rate in success.items():
         print(f"| {task} | {rate:.0%} |")
@@ -105,6 +115,29 @@ def main() -> None:
           + ("" if choice["enough"] else f": fewer than {MINIMUM}"))
     print(f"fine-tune {record['finetune']['wall_s']:.0f} s, evaluation {record['evaluation']['seconds']:.0f} s; "
           f"{record['machine']}")
+
+
+def ship(tasks: list[str], model: shipped.ShippedModel, work: Path, episodes: int) -> None:
+    """The demonstrations of ``tasks`` that the pretraining demonstrations' seeds give (each task seeded by
+    its MT50 index, as ``benchmarks/testbed_pretrain.py`` recorded it), as video, combined into
+    ``model.calibration_root`` (replaced at the end)."""
+    import shutil
+    from dataclasses import replace
+
+    from vlaprune.studies.metaworld import DemoConfig, combine_task_demos, generate_demos, task_names
+
+    config = DemoConfig(episodes_per_task=episodes, image_size=model.image_size, max_steps=250, seed=0, video=True)
+    for task in tasks:
+        if not (work / task).is_dir():
+            generate_demos(replace(config, tasks=(task,), first_task_index=task_names().index(task)), work / task,
+                           f"local/{task}")
+    staged = work / "combined"
+    shutil.rmtree(staged, ignore_errors=True)
+    combine_task_demos(work, tasks, staged, repo_id=shipped.CALIBRATION_REPO_ID)
+    shutil.rmtree(model.calibration_root, ignore_errors=True)
+    shutil.move(staged, model.calibration_root)
+    size = sum(p.stat().st_size for p in model.calibration_root.rglob("*") if p.is_file())
+    print(f"shipped {len(tasks)} tasks x {episodes} demonstrations to {model.calibration_root} ({size / 2**20:.1f} MB)")
 
 
 if __name__ == "__main__":
