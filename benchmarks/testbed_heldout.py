@@ -1,8 +1,10 @@
 """Which held-out tasks tell plans apart: the full ``metaworld:smolvla`` fine-tuned on the candidates.
 
-The tasks kept out of robot pretraining (``kept_out`` of ``metaworld:smolvla``) are candidates for the
-fine-tuning study. A study task must leave room both ways: a task the full fine-tuned model always
-solves, or never, cannot show a pruned model doing better or worse. Stages, each resumable:
+The tasks kept out of robot pretraining (``kept_out`` of ``metaworld:smolvla``) are the fine-tuning
+set of the study: every model of the study is fine-tuned on the demonstrations of all of them. It is
+evaluated on those that leave room both ways (``held_out``): a task the full fine-tuned model always
+solves, or never, cannot show a pruned model doing better or worse. This run is the study's recipe
+for the full model, evaluated on every candidate. Stages, each resumable:
 
 1. the candidates' scripted demonstrations (``--demos``, as ``benchmarks/testbed_pretrain.py`` made
    them) combined into one LeRobotDataset;
@@ -11,9 +13,9 @@ solves, or never, cannot show a pruned model doing better or worse. Stages, each
    demonstration uses);
 4. the choice (:func:`choose`): candidates strictly between ``--floor`` and ``--ceiling``, at least
    four, written with the measurements to ``--results``;
-5. with ``--ship``: the chosen tasks' demonstrations (the same episodes, frames as AV1 video) stored
-   as ``metaworld:smolvla``'s calibration and fine-tuning set. Its ``held_out`` in
-   :mod:`vlaprune.models.shipped` is then set to the chosen tasks by hand (a test checks they agree).
+5. with ``--ship``: the candidates' demonstrations (the same episodes, frames as AV1 video) stored as
+   ``metaworld:smolvla``'s calibration and fine-tuning set. Its ``held_out`` in
+   :mod:`vlaprune.models.shipped` is then set to the chosen tasks by hand.
 
     python benchmarks/testbed_heldout.py --out outputs/heldout --demos data/mt50 \\
         --results benchmarks/results/testbed_heldout_cpu.json
@@ -60,9 +62,9 @@ def main() -> None:
     parser.add_argument("--floor", type=float, default=0.1)
     parser.add_argument("--ceiling", type=float, default=0.9)
     parser.add_argument("--results", type=Path, default=None)
-    parser.add_argument("--ship", action="store_true", help="store the chosen tasks' demonstrations as the "
-                        "shipped calibration set")
-    parser.add_argument("--episodes", type=int, default=20, help="demonstrations per chosen task to ship")
+    parser.add_argument("--ship", action="store_true", help="store the candidates' demonstrations as the "
+                        "shipped calibration and fine-tuning set")
+    parser.add_argument("--episodes", type=int, default=20, help="demonstrations per candidate to ship")
     args = parser.parse_args()
     model = shipped.get(shipped.SPEC)
     candidates = list(model.kept_out)
@@ -103,9 +105,7 @@ def main() -> None:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(record_path.read_text())
     if args.ship:
-        if not record["choice"]["enough"]:
-            raise SystemExit(f"only {record['choice']['tasks']} lie inside the range: nothing shipped")
-        ship(record["choice"]["tasks"], model, args.out / "ship", args.episodes)
+        ship(candidates, model, args.out / "ship", args.episodes)
     print("| candidate | success, full fine-tuned |\n|---|---|")
     for task, rate in success.items():
         print(f"| {task} | {rate:.0%} |")

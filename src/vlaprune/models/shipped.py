@@ -39,8 +39,8 @@ class ShippedModel:
     folder: str  # under ASSETS_ROOT: policy/ (the stored checkpoint) and heldout/ (its calibration set)
     size: str  # the built-in SmolVLA it was trained from
     image_size: int
-    kept_out: tuple[str, ...]  # left out of pretraining
-    held_out: tuple[str, ...]  # of those, the fine-tuning study's tasks (calibration set, evaluation)
+    kept_out: tuple[str, ...]  # left out of pretraining: the calibration and fine-tuning set (heldout/)
+    held_out: tuple[str, ...]  # of those, the tasks the study and the demo evaluate on
     regenerate: str  # the command that regenerates it
 
     @property
