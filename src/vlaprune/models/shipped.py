@@ -24,6 +24,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from vlaprune.io.cache import generated_dir
 
@@ -37,7 +38,7 @@ _PATH_FILES = ("config.json", "policy_preprocessor.json")  # the files that name
 class ShippedModel:
     spec: str
     folder: str  # under ASSETS_ROOT: policy/ (the stored checkpoint) and heldout/ (its calibration set)
-    size: str  # the built-in SmolVLA it was trained from
+    size: Literal["small", "pretrained"]  # the built-in SmolVLA it was trained from
     image_size: int
     kept_out: tuple[str, ...]  # left out of pretraining: the calibration and fine-tuning set (heldout/)
     held_out: tuple[str, ...]  # of those, the tasks the study and the demo evaluate on
@@ -97,7 +98,7 @@ def policy_dir(spec: str = SPEC) -> Path:
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the shipped model comes with the repository (a clone "
                                 f"without it is incomplete); regenerate it with {model.regenerate}")
-    vlm = str(smolvla.smolvlm_dir(model.size))  # type: ignore[arg-type]
+    vlm = str(smolvla.smolvlm_dir(model.size))
     digest = hashlib.sha256()
     for path in sorted(model.stored.iterdir()):
         digest.update(path.name.encode() + path.read_bytes())
@@ -140,7 +141,7 @@ def export(checkpoint: Path, spec: str, *, seed: int = 0) -> None:
 
     model = get(spec)
     config = json.loads((checkpoint / "config.json").read_text())
-    vlm = str(smolvla.smolvlm_dir(model.size))  # type: ignore[arg-type]
+    vlm = str(smolvla.smolvlm_dir(model.size))
     if config.get("type") != "smolvla" or config.get("vlm_model_name") != vlm:
         raise ValueError(f"{checkpoint} is not a {model.size} SmolVLA built on this machine (type "
                          f"{config.get('type')!r}, vlm_model_name {config.get('vlm_model_name')!r}, expected {vlm!r})")
