@@ -20,6 +20,7 @@ from vlaprune.core.cka import (
     _prefer_features,
     linear_cka,
     linear_hsic,
+    saturation_warning,
     select_examples,
 )
 
@@ -402,6 +403,9 @@ def test_streaming_input_errors() -> None:
         ({"max_tokens": 3}, "max_tokens=3 must be an int >= 4"),
         ({"estimator": "per_sample", "tokens": "mean"}, "tokens must be 'tokens'"),
         ({"debiased": "yes"}, "debiased='yes'"),
+        ({"token_norm": "l2"}, "token_norm='l2' is unknown; choose one of none, rms"),
+        ({"feature_norm": "whiten"}, "feature_norm='whiten' is unknown; choose one of none, standardize"),
+        ({"skip_tokens": -1}, "skip_tokens=-1 must be an int >= 0"),
     ],
 )
 def test_config_validation(kwargs: dict[str, object], field: str) -> None:
@@ -455,3 +459,98 @@ def test_streaming_cosine_matches_tokenwise_mean() -> None:
             ref[i, j] = cos.mean()
     torch.testing.assert_close(acc.compute(), ref)
     assert torch.allclose(acc.compute().diagonal(), torch.ones(3, dtype=F64))
+
+
+# ------------------------------------------------------------------------------------ conditioning
+def _states(batch: int = 3, tokens: int = 40, width: int = 48, seed: int = 0) -> list[torch.Tensor]:
+    """Two residual states around a block that changes them a lot."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, width, generator=g, dtype=F64)
+    return [x, x + 1.5 * torch.randn(batch, tokens, width, generator=g, dtype=F64)]
+
+
+def _massive(states: list[torch.Tensor], sink: bool = True, seed: int = 1) -> list[torch.Tensor]:
+    """``states`` with what pretrained transformers carry in every block alike: one massive hidden
+    dimension and, with ``sink``, a first token 50 times larger than the rest."""
+    g = torch.Generator().manual_seed(seed)
+    outlier = 300.0 * (1 + 0.2 * torch.randn(states[0].shape[:2], generator=g, dtype=F64))
+    out = [s.clone() for s in states]
+    for s in out:
+        s[..., 5] += outlier
+        if sink:
+            s[:, 0] *= 50.0
+    return out
+
+
+def _adjacent(config: CKAConfig, states: list[torch.Tensor], mask: torch.Tensor | None = None) -> float:
+    acc = StreamingCKA(len(states), config)
+    acc.update(states, mask)
+    return float(acc.compute()[0, 1])
+
+
+@pytest.mark.parametrize("estimator", ["per_sample", "minibatch"])
+def test_conditioning_sees_past_massive_activations(estimator: str) -> None:
+    """Plain CKA reads the outliers (1.000); conditioned CKA reads what the block changed: close to the
+    CKA of the same states without them."""
+    clean = _states()
+    clean_cka = _adjacent(CKAConfig(estimator=estimator), clean)
+    assert clean_cka < 0.75
+    dimension, both = _massive(clean, sink=False), _massive(clean)
+    assert _adjacent(CKAConfig(estimator=estimator), dimension) > 0.999
+    assert _adjacent(CKAConfig(estimator=estimator), both) > 0.999
+    near = {"abs": 0.04}
+    assert _adjacent(CKAConfig(estimator=estimator, feature_norm="standardize"), dimension) == pytest.approx(
+        clean_cka, **near)
+    assert _adjacent(CKAConfig(estimator=estimator, feature_norm="standardize"), both) > 0.95  # the sink dominates
+    assert _adjacent(CKAConfig(estimator=estimator, feature_norm="standardize", skip_tokens=1), both) == (
+        pytest.approx(clean_cka, **near))
+    assert _adjacent(CKAConfig(estimator=estimator, token_norm="rms"), both) < 0.85  # partly: the dimension stays
+
+
+def test_standardized_cka_ignores_the_scale_of_any_dimension() -> None:
+    states = _states()
+    scaled = [s.clone() for s in states]
+    for s in scaled:
+        s[..., 7] *= 1000.0
+    config = CKAConfig(feature_norm="standardize")
+    assert _adjacent(config, scaled) == pytest.approx(_adjacent(config, states), abs=1e-9)
+
+
+def test_skipped_tokens_are_not_examples_with_left_or_right_padding() -> None:
+    states = _massive(_states(batch=2, tokens=12))
+    right = torch.ones(2, 12, dtype=torch.bool)
+    right[1, 9:] = False
+    left = torch.ones(2, 12, dtype=torch.bool)
+    left[1, :3] = False
+    config = CKAConfig(skip_tokens=2, max_tokens=None)
+    for mask in (right, left):
+        first_real = [int(mask[b].nonzero()[0]) for b in range(2)]
+        expected = mask.clone()
+        for b, start in enumerate(first_real):
+            expected[b, start : start + 2] = False  # the first two real tokens of each sample
+        assert _adjacent(config, states, mask) == pytest.approx(
+            _adjacent(CKAConfig(max_tokens=None), states, expected), abs=1e-12)
+    with pytest.raises(ValueError, match="sample 1 of the batch has no real token left after skipping the first 9"):
+        _adjacent(CKAConfig(skip_tokens=9), states, right)
+    with pytest.raises(ValueError, match="skip_tokens needs"):
+        _adjacent(CKAConfig(estimator="minibatch", skip_tokens=1), [s[:, 0] for s in states])
+
+
+def test_rms_tokens_are_what_the_next_norm_reads() -> None:
+    states = _massive(_states(batch=2, tokens=16))
+    rms = [s / s.square().mean(dim=-1, keepdim=True).sqrt() for s in states]
+    assert _adjacent(CKAConfig(token_norm="rms"), states) == pytest.approx(_adjacent(CKAConfig(), rms), abs=1e-12)
+    scaled = [s * torch.linspace(0.1, 10.0, 16, dtype=F64)[None, :, None] for s in states]  # per-token scale
+    assert _adjacent(CKAConfig(token_norm="rms"), scaled) == pytest.approx(
+        _adjacent(CKAConfig(token_norm="rms"), states), abs=1e-12)
+
+
+def test_a_saturated_matrix_is_named_with_the_options_not_in_use() -> None:
+    cka = torch.eye(5, dtype=F64)
+    for i in range(4):
+        cka[i, i + 1] = cka[i + 1, i] = (0.9995, 0.9999, 0.95, 1.0)[i]
+    text = saturation_warning("vlm", cka, CKAConfig(skip_tokens=1))
+    assert text is not None and "3 of its 4 blocks" in text and "blocks [0, 1, 3]" in text
+    assert "--cka.feature_norm=standardize" in text and "skip_tokens" not in text
+    cka[1, 2] = cka[2, 1] = 0.99  # two of four: half, not most
+    assert saturation_warning("vlm", cka, CKAConfig()) is None

@@ -17,6 +17,13 @@ transforms and isotropic scaling of either representation, but not to general li
   HSIC over batches and normalises at the end: ``CKA_ij = mean HSIC_ij / sqrt(mean HSIC_ii mean HSIC_jj)``.
   The per-sample estimator is the one of the layer-pruning paper we reproduce: a biased CKA per
   calibration sample with that sample's tokens as the examples, averaged over samples.
+* Conditioning. Pretrained transformers carry massive activations: a few hidden dimensions (and a
+  few "sink" tokens, often the first) hundreds of times larger than the rest, the same in every
+  block, so that every pair of residual states looks linearly identical (CKA 1.000). Three options
+  act on the examples before HSIC: ``skip_tokens`` drops the first real tokens of each sample,
+  ``token_norm="rms"`` divides each token by its root mean square (what the next block's norm
+  reads), ``feature_norm="standardize"`` scales each hidden dimension to unit variance over the
+  examples, so no single dimension dominates (CKA then compares correlation, not covariance).
 * Streaming. Both estimators are means, so :class:`StreamingCKA` only keeps a (states, states)
   float64 sum and a count: memory stays flat however many batches are seen, and sums from several
   processes add up (:meth:`StreamingCKA.all_reduce`) to the single-process result.
@@ -41,8 +48,12 @@ logger = logging.getLogger(__name__)
 
 TokenMode = Literal["tokens", "mean", "last"]
 Estimator = Literal["minibatch", "per_sample"]
+TokenNorm = Literal["none", "rms"]
+FeatureNorm = Literal["none", "standardize"]
 _TOKEN_MODES: tuple[str, ...] = get_args(TokenMode)
 _ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+_TOKEN_NORMS: tuple[str, ...] = get_args(TokenNorm)
+_FEATURE_NORMS: tuple[str, ...] = get_args(FeatureNorm)
 
 # A stack of float64 n×n Gram matrices larger than this uses the feature form instead.
 _GRAM_MAX_BYTES = 2**31
@@ -268,6 +279,37 @@ def select_examples(
     return [s.detach()[rows.to(s.device), last.to(s.device)] for s in states]
 
 
+def skip_leading_tokens(valid: Tensor, count: int) -> Tensor:
+    """``valid`` (batch, tokens) without the first ``count`` real tokens of each sample (left or right padding)."""
+    if count == 0:
+        return valid
+    kept = valid & (valid.cumsum(dim=1) > count)
+    short = (kept.sum(dim=1) == 0).nonzero().flatten().tolist()
+    if short:
+        raise ValueError(f"sample {short[0]} of the batch has no real token left after skipping the first {count} "
+                         f"(samples: {short}); lower skip_tokens")
+    return kept
+
+
+def condition_examples(examples: Sequence[Tensor], token_norm: str, feature_norm: str) -> list[Tensor]:
+    """The (n, D_i) examples as CKA sees them: each row divided by its root mean square (``"rms"``),
+    each column scaled to unit variance over the n rows (``"standardize"``; constant columns give 0)."""
+    if token_norm == "none" and feature_norm == "none":
+        return list(examples)
+    out = []
+    for x in examples:
+        x = x.detach().to(torch.float64)
+        if token_norm == "rms":
+            rms = x.square().mean(dim=1, keepdim=True).sqrt()
+            x = x / torch.where(rms > 0, rms, 1.0)
+        if feature_norm == "standardize":
+            x = x - x.mean(dim=0, keepdim=True)
+            std = x.square().mean(dim=0, keepdim=True).sqrt()
+            x = x / torch.where(std > 1e-12 * std.max().clamp_min(1e-300), std, torch.inf)
+        out.append(x)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class CKAConfig:
@@ -278,6 +320,9 @@ class CKAConfig:
     tokens: TokenMode = "tokens"
     max_tokens: int | None = 1024  # per batch (minibatch) or per sample (per_sample); None = all
     seed: int = 0  # seeds token subsampling
+    skip_tokens: int = 0  # the first real tokens of each sample are not examples (attention sinks)
+    token_norm: TokenNorm = "none"  # "rms": each token divided by its root mean square
+    feature_norm: FeatureNorm = "none"  # "standardize": each hidden dimension at unit variance
 
     def __post_init__(self) -> None:
         if self.estimator not in _ESTIMATORS:
@@ -291,6 +336,13 @@ class CKAConfig:
             isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 4
         ):
             raise ValueError(f"max_tokens={self.max_tokens!r} must be an int >= 4 or None (no subsampling)")
+        if self.token_norm not in _TOKEN_NORMS:
+            raise ValueError(f"token_norm={self.token_norm!r} is unknown; choose one of {', '.join(_TOKEN_NORMS)}")
+        if self.feature_norm not in _FEATURE_NORMS:
+            raise ValueError(f"feature_norm={self.feature_norm!r} is unknown; choose one of "
+                             f"{', '.join(_FEATURE_NORMS)}")
+        if isinstance(self.skip_tokens, bool) or not isinstance(self.skip_tokens, int) or self.skip_tokens < 0:
+            raise ValueError(f"skip_tokens={self.skip_tokens!r} must be an int >= 0")
         if self.estimator == "per_sample" and self.tokens != "tokens":
             raise ValueError(f"estimator='per_sample' uses each sample's tokens as its examples, so tokens "
                              f"must be 'tokens', got {self.tokens!r}; use estimator='minibatch' for "
@@ -317,6 +369,27 @@ PRESETS: dict[str, CKAConfig] = {
     # Minibatch CKA (Nguyen, Raghu & Kornblith 2021): HSIC over all tokens of a batch, averaged.
     "minibatch": CKAConfig(estimator="minibatch", debiased=False, tokens="tokens", max_tokens=1024),
 }
+
+
+def saturated_blocks(cka: Tensor, threshold: float = 0.999) -> list[int]:
+    """The blocks ``i`` whose input and output have CKA >= ``threshold`` (``cka[i, i + 1]``)."""
+    return [i for i in range(cka.shape[0] - 1) if float(cka[i, i + 1]) >= threshold]
+
+
+def saturation_warning(stack: str, cka: Tensor, config: CKAConfig, threshold: float = 0.999) -> str | None:
+    """A warning when most blocks of ``stack`` look like the identity to this CKA (``cka[i, i + 1] >=
+    threshold``): then the matrix cannot rank them. Massive activations are the usual cause; the text
+    names the options that look past them, those of ``config`` not in use yet."""
+    saturated = saturated_blocks(cka, threshold)
+    blocks = cka.shape[0] - 1
+    if blocks < 2 or len(saturated) * 2 <= blocks:
+        return None
+    remedies = [flag for flag, unused in (("--cka.feature_norm=standardize", config.feature_norm == "none"),
+                                          ("--cka.skip_tokens=1", config.skip_tokens == 0)) if unused]
+    hint = f"; try {' and '.join(remedies)}" if remedies else ""
+    return (f"stack {stack}: CKA between the input and output of {len(saturated)} of its {blocks} blocks is >= "
+            f"{threshold} (blocks {saturated}), so it cannot rank them; massive activations (a few hidden "
+            f"dimensions or sink tokens far larger than the rest) usually cause this{hint}")
 
 
 # ---------------------------------------------------------------------------------------- streaming
@@ -353,20 +426,28 @@ class StreamingCKA:
         if len(states) != self.num_states:
             raise ValueError(f"expected {self.num_states} states (one per residual state), got {len(states)}")
         cfg = self.config
+        tokens = all(s.dim() == 3 for s in states)
+        if cfg.skip_tokens:
+            if not tokens:
+                raise ValueError("skip_tokens needs (batch, tokens, hidden) states: (batch, hidden) states have "
+                                 "no tokens to skip")
+            mask = skip_leading_tokens(_valid_tokens(states, mask), cfg.skip_tokens)
         if cfg.estimator == "minibatch":
             examples = select_examples(states, mask, cfg.tokens, max_tokens=cfg.max_tokens,
                                        generator=self._generator)
+            examples = condition_examples(examples, cfg.token_norm, cfg.feature_norm)
             self._sum += _hsic_matrix(examples, debiased=cfg.debiased).cpu()
             self._count += 1
             self._num_examples += examples[0].shape[0]
             return
-        if not all(s.dim() == 3 for s in states):
+        if not tokens:
             raise ValueError("the per_sample estimator needs (batch, tokens, hidden) states; "
                              "use estimator='minibatch' for (batch, hidden) states")
         valid = _valid_tokens(states, mask)
         for b in range(valid.shape[0]):
             examples = select_examples([s[b : b + 1] for s in states], valid[b : b + 1], "tokens",
                                        max_tokens=cfg.max_tokens, generator=self._generator)
+            examples = condition_examples(examples, cfg.token_norm, cfg.feature_norm)
             cka = _normalize(_hsic_matrix(examples, debiased=cfg.debiased)).cpu()
             if cka.isnan().any():
                 logger.warning("sample %d of the batch has constant states; its CKA entries are nan", b)

@@ -8,10 +8,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlaprune.core.capture import CaptureConfig
-from vlaprune.core.cka import CKAConfig
+from vlaprune.core.cka import CKAConfig, saturation_warning
 from vlaprune.families import family_for
 from vlaprune.io.analysis import Analysis
 from vlaprune.io.calibration import calibration_batches, describe_calibration
@@ -37,6 +38,10 @@ def analyze_policy(
     family = family_for(policy)
     start = time.perf_counter()
     stacks = compute_stack_cka(policy, batches, family=family, cka=cka, capture=capture, on_batch=on_batch)
+    for name, stack in stacks.items():
+        warning = saturation_warning(name, torch.tensor(stack.cka), cka)
+        if warning:
+            logger.warning(warning)
     return Analysis(
         policy=spec,
         family=family.name,

@@ -47,10 +47,14 @@ class CKAArgs:
     debiased: bool | None = None
     tokens: str | None = None  # tokens | mean | last
     max_tokens: int | None = None
+    skip_tokens: int | None = None  # the first real tokens of each sample left out (attention sinks)
+    token_norm: str | None = None  # none | rms
+    feature_norm: str | None = None  # none | standardize (massive activations no longer dominate)
 
     def config(self) -> CKAConfig:
         pairs = (("estimator", self.estimator), ("debiased", self.debiased), ("tokens", self.tokens),
-                 ("max_tokens", self.max_tokens))
+                 ("max_tokens", self.max_tokens), ("skip_tokens", self.skip_tokens), ("token_norm", self.token_norm),
+                 ("feature_norm", self.feature_norm))
         overrides = {k: v for k, v in pairs if v is not None}
         return CKAConfig.preset(self.preset, **overrides)
 
