@@ -76,16 +76,21 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, "bi", "angular"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps (every variant)")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--eval_episodes", type=int, default=20, help="per held-out task")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps, every variant (default: the "
+                        "shipped model's recipe, vlaprune.models.shipped)")
+    parser.add_argument("--batch_size", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--lr", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--eval_episodes", type=int, default=None, help="per held-out task; default: the recipe's")
     parser.add_argument("--max_steps", type=int, default=200, help="environment steps per episode")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--timing_rounds", type=int, default=10)
     parser.add_argument("--quick", action="store_true",
                         help="regression check: seed 0, ratio 0.5, 150 steps, 5 episodes per task")
     args = parser.parse_args()
+    recipe = shipped.get(args.policy).recipe
+    for name in ("steps", "batch_size", "lr", "eval_episodes"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(recipe, name))
     if args.quick:
         args.seeds, args.ratios, args.steps, args.eval_episodes, args.timing_rounds = [0], [0.5], 150, 5, 5
     Study(args).run()
@@ -186,7 +191,7 @@ class Study:
         bundle = load_policy(str(checkpoint), device=self.args.device)
         return mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor, self.held_out,
                            episodes_per_task=self.args.eval_episodes, image_size=self.model.image_size,
-                           max_steps=self.args.max_steps, seed=seed, progress=False)
+                           max_steps=self.args.max_steps, seed=seed, batch_size=10, progress=False)
 
     def finetune(self, start: Path, name: str, seed: int) -> tuple[Path, dict[str, Any]]:
         a = self.args

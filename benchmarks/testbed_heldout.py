@@ -56,9 +56,10 @@ def choose(success: dict[str, float], floor: float, ceiling: float) -> dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    recipe = shipped.get(shipped.SPEC).recipe  # the study's
+    parser.add_argument("--steps", type=int, default=recipe.steps)
+    parser.add_argument("--batch_size", type=int, default=recipe.batch_size)
+    parser.add_argument("--lr", type=float, default=recipe.lr)
     parser.add_argument("--eval_episodes", type=int, default=10)
     parser.add_argument("--max_steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)

@@ -35,6 +35,17 @@ _PATH_FILES = ("config.json", "policy_preprocessor.json")  # the files that name
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """How vlaprune's studies fine-tune and evaluate a shipped model (``lerobot-train`` on its
+    calibration set; closed-loop episodes per held-out task)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    eval_episodes: int
+
+
+@dataclass(frozen=True)
 class ShippedModel:
     spec: str
     folder: str  # under ASSETS_ROOT: policy/ (the stored checkpoint) and heldout/ (its calibration set)
@@ -43,6 +54,7 @@ class ShippedModel:
     kept_out: tuple[str, ...]  # left out of pretraining: the calibration and fine-tuning set (heldout/)
     held_out: tuple[str, ...]  # of those, the tasks the study and the demo evaluate on
     regenerate: str  # the command that regenerates it
+    recipe: Recipe
 
     @property
     def assets(self) -> Path:
@@ -76,10 +88,12 @@ MODELS = {
                                  "push-wall-v3", "hammer-v3", "basketball-v3"),
                        held_out=(),  # chosen by measurement: benchmarks/testbed_heldout.py
                        regenerate="python benchmarks/testbed_pretrain.py --out outputs/testbed --demos data/mt50 "
-                                  "--ship"),
+                                  "--ship",
+                       recipe=Recipe(steps=400, batch_size=16, lr=1e-4, eval_episodes=30)),
     SMALL: ShippedModel(SMALL, "metaworld_small", "small", 64, kept_out=("drawer-close-v3", "window-close-v3"),
                         held_out=("drawer-close-v3", "window-close-v3"),
-                        regenerate="python benchmarks/metaworld_pretrain.py --ship"),
+                        regenerate="python benchmarks/metaworld_pretrain.py --ship",
+                        recipe=Recipe(steps=400, batch_size=32, lr=1e-4, eval_episodes=20)),
 }
 
 
