@@ -242,10 +242,6 @@ def test_an_episode_leaves_the_batch_when_it_succeeds():
         def _format_raw_obs(self, raw):
             return {"pixels": 0, "agent_pos": 0}
 
-    class Policy:
-        def reset(self):
-            pass
-
     asked = []
 
     def act(observations, envs, noise):
@@ -253,7 +249,7 @@ def test_an_episode_leaves_the_batch_when_it_succeeds():
         return np.zeros((len(envs), 4, 4))
 
     envs = [Env(3), Env(6), Env(100)]
-    results = mw._episodes(envs, [1, 2, 3], act, (1, 5, 2), 9, Policy())
+    results = mw._episodes(envs, [1, 2, 3], act, (1, 5, 2), 9)
     assert results == [(True, 3), (True, 6), (False, 9)]
     assert asked == [3, 2, 1]  # chunks at steps 1, 5, 9: the finished episodes no longer asked
     assert [e.steps for e in envs] == [3, 6, 9]

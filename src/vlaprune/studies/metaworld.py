@@ -350,7 +350,7 @@ def chunk_actor(policy: Any, preprocessor: Any, postprocessor: Any) -> ChunkActo
     each env's task description, the policy's processors, one action chunk per env from
     ``predict_action_chunk`` with the given flow noise, unnormalised. Returns the first
     ``n_action_steps`` actions of each chunk, (envs, n_action_steps, action_dim): what ``select_action``
-    would queue. Call ``policy.reset()`` at the start of each episode."""
+    would queue. The policy's queues are reset first: each chunk is computed afresh, for the envs given."""
     import torch
     from lerobot.envs.utils import preprocess_observation
 
@@ -360,6 +360,7 @@ def chunk_actor(policy: Any, preprocessor: Any, postprocessor: Any) -> ChunkActo
         observation = preprocess_observation({"pixels": np.stack([o["pixels"] for o in observations]),
                                               "agent_pos": np.stack([o["agent_pos"] for o in observations])})
         observation["task"] = [env.task_description for env in envs]
+        policy.reset()
         with torch.inference_mode():
             chunk = policy.predict_action_chunk(preprocessor(observation), noise=noise)
             return np.asarray(postprocessor(chunk[:, :steps]).to("cpu").numpy())
@@ -406,7 +407,7 @@ def evaluate(policy: Any, preprocessor: Any, postprocessor: Any, tasks: Sequence
             for first in range(0, episodes_per_task, len(envs)):
                 seeds = [EVAL_SEED_BASE + seed * 100_000 + t * 1000 + k
                          for k in range(first, min(first + len(envs), episodes_per_task))]
-                results += _episodes(envs[: len(seeds)], seeds, act, noise_shape, max_steps, policy)
+                results += _episodes(envs[: len(seeds)], seeds, act, noise_shape, max_steps)
                 bar.update(len(seeds))
         finally:
             for env in envs:
@@ -421,7 +422,7 @@ def evaluate(policy: Any, preprocessor: Any, postprocessor: Any, tasks: Sequence
 
 
 def _episodes(envs: Sequence[Any], seeds: Sequence[int], act: ChunkActor, noise_shape: tuple[int, ...],
-              max_steps: int, policy: Any) -> list[tuple[bool, int]]:
+              max_steps: int) -> list[tuple[bool, int]]:
     """Episodes side by side, one per env and seed, as :func:`rollout` steps one: (success, steps) each."""
     import torch
 
@@ -435,7 +436,6 @@ def _episodes(envs: Sequence[Any], seeds: Sequence[int], act: ChunkActor, noise_
             break
         empty = [i for i in active if not queued.get(i)]
         if empty:
-            policy.reset()  # the chunk is computed here, not queued by the policy
             noise = torch.cat([torch.normal(0.0, 1.0, noise_shape, generator=generators[i]) for i in empty])
             chunks = act([observations[i] for i in empty], [envs[i] for i in empty], noise)
             for i, chunk in zip(empty, chunks, strict=True):
