@@ -92,6 +92,24 @@ def test_calibration_set_holds_the_held_out_tasks():
     assert size <= 30 * 2**20, f"shipped assets take {size / 2**20:.1f} MB, over the 30 MB budget"
 
 
+def test_the_pretrained_based_model_stores_only_what_training_changed_within_budget():
+    """``metaworld:smolvla`` in the repository: under 60 MB, no file over 50 MB, and none of the
+    packages' text or vision tensors among its stored ones."""
+    from vlaprune.io.quantized import load_quantized
+
+    model = shipped.get(shipped.SPEC)
+    files = [p for p in model.assets.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 60 * 2**20
+    assert all(p.stat().st_size <= 50 * 2**20 for p in files), [p.name for p in files if p.stat().st_size > 50 * 2**20]
+    stored, metadata = load_quantized(model.stored / shipped.TRAINED_WEIGHTS)
+    assert metadata["start"] == "pretrained:smolvla"
+    assert not any(".text_model." in k or ".vision_model." in k for k in stored)
+    expert = [k for k in stored if ".lm_expert.layers." in k]
+    assert expert and any(".connector." in k for k in stored)
+    config = json.loads((model.stored / "config.json").read_text())
+    assert config["type"] == "smolvla" and config["vlm_model_name"] == model.placeholder
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_pretrained_based_model_ships_as_what_training_changed(tmp_path, monkeypatch):
