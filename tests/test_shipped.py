@@ -80,14 +80,21 @@ def test_export_refuses_other_checkpoints(tmp_path, monkeypatch):
         shipped.get("metaworld:pi0")
 
 
-def test_calibration_set_holds_the_held_out_tasks():
+@pytest.mark.parametrize(("spec", "episodes"), [(shipped.SPEC, 160), (shipped.SMALL, 20)])
+def test_calibration_set_holds_the_kept_out_tasks(spec, episodes):
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
 
     from vlaprune.studies import metaworld as mw
 
-    meta = LeRobotDatasetMetadata(shipped.CALIBRATION_REPO_ID, root=SMALL.calibration_root)
-    assert sorted(meta.tasks.index) == sorted(mw.instruction(t) for t in SMALL.held_out)
-    assert meta.total_episodes == 20 and meta.features[mw.IMAGE_KEY]["shape"][0] == SMALL.image_size
+    model = shipped.get(spec)
+    meta = LeRobotDatasetMetadata(shipped.CALIBRATION_REPO_ID, root=model.calibration_root)
+    assert sorted(meta.tasks.index) == sorted(mw.instruction(t) for t in model.kept_out)
+    assert set(model.held_out) <= set(model.kept_out) and len(model.held_out) >= (4 if spec == shipped.SPEC else 2)
+    assert meta.total_episodes == episodes and meta.features[mw.IMAGE_KEY]["shape"][0] == model.image_size
+    mw.check_tasks(model.held_out)
+
+
+def test_the_small_models_assets_fit_their_budget():
     size = sum(p.stat().st_size for p in SMALL.assets.rglob("*") if p.is_file())
     assert size <= 30 * 2**20, f"shipped assets take {size / 2**20:.1f} MB, over the 30 MB budget"
 
