@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from minilm_testbed import make_sentences
+from minilm_testbed import kept_blocks, make_sentences
 from vlaprune.core.cka import CKAConfig, StreamingCKA, StreamingCosine, saturated_blocks
 from vlaprune.core.plan import Budget, PlanProblem, StackProblem, path_cost, plan_removal
 from vlaprune.io.provenance import library_versions, machine_description
@@ -165,15 +165,8 @@ class DINOv2:
     def damage(self, full: Tensor, pruned: Tensor, batch: Batch) -> float:
         return 1.0 - float(F.cosine_similarity(full, pruned, dim=-1).mean())
 
-    @contextmanager
-    def kept(self, kept: Sequence[int]) -> Iterator[None]:
-        encoder = self.model.encoder
-        layers = encoder.layer
-        encoder.layer = nn.ModuleList([layers[i] for i in kept])
-        try:
-            yield
-        finally:
-            encoder.layer = layers
+    def kept(self, kept: Sequence[int]) -> Any:
+        return kept_blocks(self.model, kept)  # a BERT-style encoder.layer list, as MiniLM's
 
 
 def _metaworld_frames(count: int, size: int, seed: int) -> Tensor:
