@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--ship", action="store_true", help="store the result as the shipped metaworld:smolvla")
     parser.add_argument("--evaluate", action="store_true", help="closed-loop success on the pretraining tasks")
     parser.add_argument("--eval_episodes", type=int, default=5)
-    parser.add_argument("--results", type=Path, default=None, help="copy the record here at the end")
+    parser.add_argument("--results", type=Path, default=None, help="also write the record here, each time it is saved")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     record_path = args.out / "pretrain.json"
