@@ -186,9 +186,11 @@ def _store_delta(checkpoint: Path, path: Path, seed: int) -> None:
 
     trained = load_file(str(checkpoint / "model.safetensors"))
     start = smolvla.rebuild_pretrained(checkpoint, seed=seed)
-    given = {f"model.vlm_with_expert.vlm.model.{k}"
-             for k in smolvla.pretrained_vlm_state(start, smolvla.smolvlm_dir("pretrained"))}
+    vlm = start.model.vlm_with_expert.get_vlm_model()
+    parts = [getattr(vlm, part) for part in smolvla.PRETRAINED_PARTS]
+    prefixes = tuple(f"{name}." for name, module in start.named_modules() if any(module is p for p in parts))
     base = start.state_dict()
+    given = {k for k in base if k.startswith(prefixes)}  # every tensor of these modules is the packages
     if trained.keys() != base.keys():
         raise ValueError(f"{checkpoint}: tensors {sorted(trained.keys() ^ base.keys())[:5]} are not those of "
                          "pretrained:smolvla for its config")

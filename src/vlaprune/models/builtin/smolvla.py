@@ -316,6 +316,7 @@ def _write_smolvlm(path: Path, spec: dict[str, Any], tokenizer: Any) -> None:
 
 
 PRETRAINED_WEIGHTS = "pretrained_vlm.safetensors"  # in the generated SmolVLM directory
+PRETRAINED_PARTS = ("text_model", "vision_model")  # the VLM modules whose every tensor comes from the packages
 
 
 def _write_pretrained_smolvlm(path: Path, spec: dict[str, Any]) -> None:
@@ -347,32 +348,20 @@ def _pretrained_tokenizer(gguf_tokenizer: Any, max_length: int) -> Any:
     )
 
 
-def pretrained_vlm_state(policy: Any, vlm_dir: Path) -> dict[str, torch.Tensor]:
-    """The converted text and vision weights of ``vlm_dir`` that ``policy``'s VLM takes, by name under
-    the VLM (``text_model.layers.0....``): the embedding, the first ``num_vlm_layers`` text layers and
-    the final norm, and the whole vision tower. Every such tensor of the policy must be covered exactly."""
+def load_pretrained_vlm(policy: Any, vlm_dir: Path) -> None:
+    """Give ``policy``'s VLM the converted text and vision weights of ``vlm_dir``: the embedding, the
+    first ``num_vlm_layers`` text layers and the final norm, and the whole vision tower; the connector
+    keeps its seeded initial weights (it is trained). Every kept tensor must be covered exactly."""
     from safetensors.torch import load_file
 
     weights = load_file(str(vlm_dir / PRETRAINED_WEIGHTS))
     vlm = policy.model.vlm_with_expert.get_vlm_model()
-    taken: dict[str, torch.Tensor] = {}
-    for part in ("text_model", "vision_model"):
+    for part in PRETRAINED_PARTS:
+        module = getattr(vlm, part)
         prefix = f"{part}."
         state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        wanted = getattr(vlm, part).state_dict()
+        wanted = module.state_dict()
         state = {k: v for k, v in state.items() if k in wanted or not k.startswith("layers.")}  # layers SmolVLA cut
         check_tensors(f"{vlm_dir / PRETRAINED_WEIGHTS} ({part})", state,
                       {k: tuple(v.shape) for k, v in wanted.items()})
-        taken.update({prefix + k: v for k, v in state.items()})
-    return taken
-
-
-def load_pretrained_vlm(policy: Any, vlm_dir: Path) -> None:
-    """Give ``policy``'s VLM the converted text and vision weights (:func:`pretrained_vlm_state`); the
-    connector keeps its seeded initial weights (it is trained)."""
-    vlm = policy.model.vlm_with_expert.get_vlm_model()
-    state = pretrained_vlm_state(policy, vlm_dir)
-    for part in ("text_model", "vision_model"):
-        prefix = f"{part}."
-        getattr(vlm, part).load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                                           strict=True)
+        module.load_state_dict(state, strict=True)
