@@ -87,10 +87,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="regression check: seed 0, ratio 0.5, 150 steps, 5 episodes per task")
     args = parser.parse_args()
-    recipe = shipped.get(args.policy).recipe
+    model = shipped.get(args.policy)  # its recipe and calibration set give the defaults
     for name in ("steps", "batch_size", "lr", "eval_episodes"):
         if getattr(args, name) is None:
-            setattr(args, name, getattr(recipe, name))
+            setattr(args, name, getattr(model.recipe, name))
+    if args.data_root is None:
+        args.data_root = model.calibration_root
     if args.quick:
         args.seeds, args.ratios, args.steps, args.eval_episodes, args.timing_rounds = [0], [0.5], 150, 5, 5
     Study(args).run()
@@ -106,8 +108,6 @@ class Study:
         if not self.held_out:
             raise SystemExit(f"{args.policy} has no held-out tasks chosen yet (benchmarks/testbed_heldout.py "
                              "measures them): nothing to fine-tune and evaluate on")
-        if args.data_root is None:
-            args.data_root = self.model.calibration_root
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def check_settings(self) -> None:
