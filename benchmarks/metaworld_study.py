@@ -200,6 +200,20 @@ class Study:
         return run.checkpoint, {"train_wall_s": run.wall_s, "update_s": run.update_s, "data_s": run.data_s,
                                 "final_loss": run.final_loss}
 
+    def units(self) -> list[tuple[str, str, float | None, int]]:
+        """Every unit ``(kind, method, ratio, seed)`` in the order they run: the first seed's fine-tuned
+        variants (the comparison), the full model's other seeds (its spread: how large a difference
+        means anything), the other seeds' pruned variants, then the timings and the training-free points.
+        A run cut short keeps the most informative units."""
+        first, *others = self.args.seeds
+        pruned = [(m, r) for m, r in self.variants() if m != FULL]
+        units = [("finetuned", m, r, first) for m, r in self.variants()]
+        units += [("finetuned", FULL, None, s) for s in others]
+        units += [("finetuned", m, r, s) for s in others for m, r in pruned]
+        units += [("timing", m, r, 0) for m, r in pruned]
+        units += [("training_free", m, r, 0) for m, r in self.variants()]
+        return units
+
     # ---- the study -----------------------------------------------------------------------------
     def run(self) -> None:
         a = self.args
@@ -210,16 +224,7 @@ class Study:
             for method, ratio in self.variants():
                 self.pruned(method, ratio, seed)
         records = self.records()
-        todo: list[tuple[str, str, float | None, int]] = []
-        for method, ratio in self.variants():
-            if method != FULL and ratio is not None:
-                todo.append(("timing", method, ratio, 0))
-        for method, ratio in self.variants():
-            todo.append(("training_free", method, ratio, 0))
-        for seed in a.seeds:
-            for method, ratio in self.variants():
-                todo.append(("finetuned", method, ratio, seed))
-        bar = tqdm(todo, desc="study units")
+        bar = tqdm(self.units(), desc="study units")
         for kind, method, ratio, seed in bar:
             key = f"{kind}/{self.name(method, ratio)}/s{seed}"
             bar.set_postfix_str(key)
@@ -241,6 +246,7 @@ class Study:
                 record["evaluation"] = self.evaluate(final, seed)
             self.save_record(record)
             records[key] = record
+            write_results(self.out, a, records, self.variants())  # the table so far, after every unit
         write_results(self.out, a, records, self.variants())
 
 

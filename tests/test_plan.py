@@ -20,6 +20,8 @@ from vlaprune.core.plan import (
     StackProblem,
     candidate_plans,
     feasible_keep_counts,
+    greedy_evaluations,
+    greedy_removal,
     path_cost,
     plan_removal,
     validate_kept,
@@ -390,3 +392,77 @@ def test_candidate_plans_sorted_unique_and_led_by_cka_dp() -> None:
     no_cosine = PlanProblem((StackProblem("vlm", 8, _sym(8, 4)),))
     methods = {p.method for p in candidate_plans(no_cosine, Budget(ratio=0.5), limit=20)}
     assert "bi" not in methods and "angular" not in methods and "cka-dp" in methods
+
+
+# ------------------------------------------------------------------------------ greedy (loss planner)
+def _counting(score):
+    calls = []
+
+    def wrapped(kept):
+        calls.append({k: tuple(v) for k, v in kept.items()})
+        return score(kept)
+
+    return wrapped, calls
+
+
+@pytest.mark.parametrize(("n", "roles", "prot", "lock"), [c for i, c in enumerate(CASES) if i % 2 == 0])
+def test_greedy_takes_the_best_feasible_removal_at_every_step(n: int, roles: str | None, prot: str,
+                                                             lock: bool) -> None:
+    """Against an independent replay: from each state of the recorded order, every single removal that
+    leaves a feasible kept set of the target size (brute force) is scored, and the chosen one is the
+    lowest; the score is the cka-dp cost of the current set, which re-scoring makes non-additive."""
+    problem = _case(n, roles, prot, lock, seed=11 * n + len(prot))
+    name = problem.stacks[0].name
+    names = [s.name for s in problem.stacks]
+    for k in feasible_keep_counts(problem, name):
+        budget = Budget(keep={name: k})
+        score, calls = _counting(lambda kept: sum(path_cost(s.cka, kept[s.name]) for s in problem.stacks))
+        plan = greedy_removal(problem, budget, score)
+        assert _kept(plan) in _brute(problem, k) and len(calls) == plan.details["evaluations"]
+        assert plan.details["evaluations"] <= greedy_evaluations(problem, budget)
+        targets = set(_brute(problem, k))
+        current = tuple(range(n))
+        for step in plan.details["order"]:
+            options = {b: sum(path_cost(s.cka, tuple(i for i in current if i != b)) for s in problem.stacks)
+                       for b in current
+                       if any(set(t) <= set(current) - {b} for t in targets)}
+            assert step["removed"] in options and step["score"] == pytest.approx(min(options.values()), abs=1e-12)
+            assert step["removed"] == min(b for b, v in options.items() if v == step["score"])  # ties: lowest
+            current = tuple(i for i in current if i != step["removed"])
+        assert current == _kept(plan) and set(plan.kept) == set(names)
+
+
+def test_greedy_with_an_additive_score_is_the_optimum_and_counts_its_evaluations() -> None:
+    """Scores that add up over removed blocks make greedy exact (no rules); the evaluations equal the bound."""
+    weights = np.random.default_rng(5).uniform(0, 1, 9)
+    problem = PlanProblem((StackProblem("vlm", 9, _sym(9, 5)),))
+    for k in range(1, 10):
+        score, calls = _counting(lambda kept: float(sum(weights[i] for i in range(9) if i not in kept["vlm"])))
+        plan = greedy_removal(problem, Budget(keep={"vlm": k}), score)
+        assert set(plan.kept["vlm"]) == set(np.argsort(weights)[9 - k:].tolist())
+        assert len(calls) == greedy_evaluations(problem, Budget(keep={"vlm": k})) == sum(range(k + 1, 10))
+    assert plan.cost == 0.0 and plan.details == {"evaluations": 0, "order": []}  # k = 9: nothing to try
+
+
+def test_greedy_plans_every_unit_together_under_lockstep_and_protection() -> None:
+    a = StackProblem("vlm", 6, _sym(6, 1), protected=frozenset({5}))
+    b = StackProblem("expert", 6, _sym(6, 2))
+    c = StackProblem("dit", 4, _sym(4, 3), roles=_roles("period2", 4))
+    problem = PlanProblem((a, b, c), lockstep=(("vlm", "expert"),))
+    budget = Budget(keep={"vlm": 3, "dit": 2})
+    score, calls = _counting(lambda kept: -float(sum(kept["vlm"])) + 0.1 * sum(kept["dit"]))
+    plan = greedy_removal(problem, budget, score)
+    assert plan.kept["vlm"] == plan.kept["expert"] == (3, 4, 5) and plan.kept["dit"] == (0, 1)
+    assert all(call["vlm"] == call["expert"] and 5 in call["vlm"] for call in calls)
+    assert len(calls) <= greedy_evaluations(problem, budget) == sum(10 - t for t in range(5))  # units of 6 and 4
+    validate_kept(problem, plan.kept)
+
+
+def test_greedy_rejects_a_bad_score_and_an_infeasible_budget() -> None:
+    problem = PlanProblem((StackProblem("dit", 6, _sym(6, 1), roles=_roles("period2", 6), protected=frozenset({5})),))
+    with pytest.raises(ValueError, match="score of removing dit block 0 is nan"):
+        greedy_removal(problem, Budget(keep={"dit": 4}), lambda kept: math.nan)
+    feasible = feasible_keep_counts(problem, "dit")
+    bad = next(k for k in range(1, 7) if k not in feasible)
+    with pytest.raises(PlanError, match=re.escape("feasible keep counts: " + ", ".join(map(str, feasible)))):
+        greedy_removal(problem, Budget(keep={"dit": bad}), lambda kept: 0.0)

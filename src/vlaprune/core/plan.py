@@ -10,6 +10,7 @@ The damage proxy of every plan is the cka-dp path cost (:func:`path_cost`): each
 receives the state after the previous kept block instead of its usual input, and that mismatch
 costs ``1 - CKA``. cka-dp minimises it exactly; the other methods are baselines or alternatives whose
 plans carry the same cost so that they can be compared and, for ``--refine``, measured for real.
+``loss`` (:func:`greedy_removal`) plans from a measured score instead, which its caller supplies.
 Everything here is numpy and stdlib: no model code.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from operator import index
@@ -28,7 +29,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("cka-dp", "cka-run", "bi", "angular", "first-k", "random")
+METHODS: tuple[str, ...] = ("cka-dp", "cka-run", "bi", "angular", "first-k", "random")  # from the matrices
+LOSS = "loss"  # from a measured score: greedy_removal
 _INF = math.inf
 
 
@@ -265,9 +267,11 @@ def _groups(problem: PlanProblem) -> list[_Group]:
     return out
 
 
-def _count_table(g: _Group) -> list[list[int]]:
-    """W[i][c]: number of ways to decide blocks 0..i-1 keeping c of them, every rule respected (exact ints)."""
+def _count_table(g: _Group, available: Sequence[int] | None = None) -> list[list[int]]:
+    """W[i][c]: number of ways to decide blocks 0..i-1 keeping c of them, every rule respected (exact
+    ints); only blocks in ``available`` (default: all) may be kept."""
     n = g.num_layers
+    can_keep = np.ones(n, dtype=bool) if available is None else np.isin(np.arange(n), list(available))
     w = [[1] + [0] * n]
     for i in range(n):
         row = [0] * (n + 1)
@@ -275,7 +279,7 @@ def _count_table(g: _Group) -> list[list[int]]:
             if ways:
                 if not g.protected[i]:
                     row[c] += ways  # skip block i
-                if c < n and g.allowed[c, i]:
+                if c < n and can_keep[i] and g.allowed[c, i]:
                     row[c + 1] += ways  # keep block i at new position c
         w.append(row)
     return w
@@ -535,6 +539,68 @@ def plan_removal(problem: PlanProblem, budget: Budget | None, method: str = "cka
     validate_kept(problem, kept)  # every method, every time: a plan that breaks a rule never leaves here
     cost = sum(path_cost(s.cka, kept[s.name]) for s in problem.stacks)
     return Plan(method, kept, cost, details)
+
+
+Score = Callable[[Mapping[str, tuple[int, ...]]], float]
+
+
+def greedy_removal(problem: PlanProblem, budget: Budget, score: Score, *, method: str = LOSS,
+                   on_evaluation: Callable[[int], None] | None = None) -> Plan:
+    """Remove one block at a time, each time the one whose removal gives the lowest ``score(kept)``,
+    re-scored after every removal (SLEB, Song et al. 2024), until every planning unit reaches its keep
+    count under ``budget``.
+
+    Every family rule holds: a lockstep group removes a block from all its members at once, protected
+    blocks stay, and a removal is tried only if a kept set of the target size that keeps every role
+    still exists inside what remains (an intermediate set may break roles on the way, e.g. one
+    removal of an alternating self/cross stack on the way to removing a pair). ``score`` costs a
+    forward pass; :func:`greedy_evaluations` bounds the number of calls. Ties go to the lowest block.
+    """
+    groups = _groups(problem)
+    counts = _keep_counts(problem, groups, budget)
+    kept = [list(range(g.num_layers)) for g in groups]
+
+    def plan_of(sets: list[list[int]]) -> dict[str, tuple[int, ...]]:
+        return {m.name: tuple(sel) for g, sel in zip(groups, sets, strict=True) for m in g.members}
+
+    evaluations, order = 0, []
+    while any(len(sel) > k for sel, k in zip(kept, counts, strict=True)):
+        best: tuple[float, int, int] | None = None
+        for gi, (g, k) in enumerate(zip(groups, counts, strict=True)):
+            if len(kept[gi]) == k:
+                continue
+            for block in kept[gi]:
+                trial = [b for b in kept[gi] if b != block]
+                if g.protected[block] or not _count_table(g, trial)[-1][k]:
+                    continue
+                value = float(score(plan_of([*kept[:gi], trial, *kept[gi + 1:]])))
+                evaluations += 1
+                if on_evaluation is not None:
+                    on_evaluation(1)
+                if not math.isfinite(value):
+                    raise ValueError(f"{method}: the score of removing {g.label} block {block} is {value}")
+                if best is None or value < best[0]:
+                    best = (value, gi, block)
+        assert best is not None, "feasibility is checked before planning"
+        value, gi, block = best
+        kept[gi].remove(block)
+        order.append({"stack": groups[gi].label, "removed": block, "score": value})
+        logger.info("%s: removed %s block %d (score %.6g), %d evaluations so far", method, groups[gi].label, block,
+                    value, evaluations)
+    plan = plan_of(kept)
+    validate_kept(problem, plan)
+    cost = sum(path_cost(s.cka, plan[s.name]) for s in problem.stacks)
+    return Plan(method, plan, cost, {"evaluations": evaluations, "order": order})
+
+
+def greedy_evaluations(problem: PlanProblem, budget: Budget) -> int:
+    """At most how many times :func:`greedy_removal` calls its score under ``budget``: removal t tries
+    at most the N - t blocks still kept (N blocks in all units), over T removals."""
+    groups = _groups(problem)
+    counts = _keep_counts(problem, groups, budget)
+    total = sum(g.num_layers for g in groups)
+    removals = sum(g.num_layers - k for g, k in zip(groups, counts, strict=True))
+    return sum(total - t for t in range(removals))
 
 
 def candidate_plans(problem: PlanProblem, budget: Budget, *, limit: int, seed: int = 0) -> list[Plan]:

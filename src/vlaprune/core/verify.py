@@ -5,7 +5,8 @@ identities (plus the family's reference adjustments where its pruning changes mo
 ``verify_pruned`` demands that the pruned policy equals that reference (loss at fixed noise and
 time, action chunk at fixed noise) within float32 tolerance; ``PlanDamage`` measures how
 far that reference's action chunks move from the full source's, the real damage of a plan without
-training, used to choose between candidate plans.
+training, used to choose between candidate plans; ``PlanLoss`` measures that reference's training
+loss on labelled frames, the score of the ``loss`` planner.
 """
 
 from __future__ import annotations
@@ -105,3 +106,44 @@ class PlanDamage:
             for batch, noise, full in zip(self.batches, self.noise, self.full, strict=True):
                 num += float((action_chunk(self.family, self.source, batch, noise) - full).square().sum())
         return (num / self.scale) ** 0.5
+
+
+class PlanLoss:
+    """``loss(kept)``: the training loss of the source with the removed blocks skipped, on labelled
+    held-out batches at fixed noise and flow times (``draws`` pairs per batch), so that every plan
+    meets the same noise. The loss is the family's flow-matching loss per element over the dataset's
+    action dimensions, averaged over the steps before an episode's end (``action_is_pad``), as
+    SmolVLA's ``lerobot-train`` loss is. ``full`` is the unpruned source's."""
+
+    @torch.no_grad()
+    def __init__(self, source: Any, family: Family, batches: Sequence[dict[str, Any]], *, seed: int = 0,
+                 draws: int = 2) -> None:
+        self.source, self.family, self.batches = source, family, list(batches)
+        unlabelled = [i for i, batch in enumerate(self.batches) if "action" not in batch]
+        if unlabelled or not self.batches:
+            raise ValueError("the loss planner needs calibration frames with action labels (a LeRobotDataset "
+                             "with an 'action' feature); these have none: use a label-free method instead, "
+                             "--plan.method=cka-dp (similarity) with --plan.refine (action-chunk damage)")
+        if draws < 1:
+            raise ValueError(f"draws must be >= 1, got {draws}")
+        self.inputs = [(batch, *_noise_and_time(family, source, batch, seed + 1000 * d + i))
+                       for i, batch in enumerate(self.batches) for d in range(draws)]
+        self.full = self._loss()
+
+    def _loss(self) -> float:
+        total, count = 0.0, 0
+        for batch, noise, time in self.inputs:
+            losses = flow_loss(self.family, self.source, batch, noise, time)[..., : batch["action"].shape[-1]]
+            if "action_is_pad" in batch:
+                valid = ~batch["action_is_pad"].to(losses.device)
+                total += float((losses * valid[:, :, None]).sum())
+                count += int(valid.sum()) * losses.shape[-1]
+            else:
+                total += float(losses.sum())
+                count += losses.numel()
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def __call__(self, kept: Mapping[str, Sequence[int]]) -> float:
+        with pruned_reference(self.source, self.family, kept):
+            return self._loss()

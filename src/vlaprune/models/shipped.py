@@ -54,7 +54,8 @@ class ShippedModel:
     kept_out: tuple[str, ...]  # left out of pretraining: the calibration and fine-tuning set (heldout/)
     held_out: tuple[str, ...]  # of those, the tasks the study and the demo evaluate on
     regenerate: str  # the command that regenerates it
-    recipe: Recipe
+    recipe: Recipe  # the study's
+    demo: Recipe  # ``make demo``'s: shorter, sized to about 10 minutes on 2 CPU cores
 
     @property
     def assets(self) -> Path:
@@ -91,11 +92,13 @@ MODELS = {
                        held_out=("door-lock-v3", "faucet-open-v3", "sweep-into-v3", "push-wall-v3"),
                        regenerate="python benchmarks/testbed_pretrain.py --out outputs/testbed --demos data/mt50 "
                                   "--ship",
-                       recipe=Recipe(steps=400, batch_size=16, lr=1e-4, eval_episodes=30)),
+                       recipe=Recipe(steps=400, batch_size=16, lr=1e-4, eval_episodes=30),
+                       demo=Recipe(steps=100, batch_size=16, lr=1e-4, eval_episodes=3)),
     SMALL: ShippedModel(SMALL, "metaworld_small", "small", 64, kept_out=("drawer-close-v3", "window-close-v3"),
                         held_out=("drawer-close-v3", "window-close-v3"),
                         regenerate="python benchmarks/metaworld_pretrain.py --ship",
-                        recipe=Recipe(steps=400, batch_size=32, lr=1e-4, eval_episodes=20)),
+                        recipe=Recipe(steps=400, batch_size=32, lr=1e-4, eval_episodes=20),
+                        demo=Recipe(steps=200, batch_size=32, lr=1e-4, eval_episodes=5)),
 }
 
 

@@ -95,7 +95,7 @@ def _require_inputs(policy: PolicyArgs, dataset: DatasetArgs, out: str | None, w
 
 @dataclass
 class PlanArgs:
-    method: str = "cka-dp"  # cka-dp | cka-run | bi | angular | first-k | random
+    method: str = "cka-dp"  # cka-dp | cka-run | bi | angular | first-k | random | loss (greedy, measured)
     ratio: float | None = None  # fraction of blocks removed per stack (the paper goes up to 0.5)
     keep: dict[str, int] | None = None  # explicit keep count per stack, e.g. '{vlm: 4, expert: 4}'
     threshold: float | None = None  # the data decides: shallowest plan whose cka-dp cost <= threshold

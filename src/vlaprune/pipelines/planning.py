@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -18,11 +19,15 @@ from vlaprune.core.capture import CaptureConfig, collect_residuals
 from vlaprune.core.cka import CKAConfig, StreamingCKA, StreamingCosine
 from vlaprune.core.family import Family
 from vlaprune.core.plan import (
+    LOSS,
     Budget,
     Plan,
     PlanProblem,
+    Score,
     StackProblem,
     candidate_plans,
+    greedy_evaluations,
+    greedy_removal,
     path_cost,
     plan_removal,
     validate_kept,
@@ -148,9 +153,12 @@ def load_analysis(path: Path) -> dict[str, StackAnalysis]:
 
 
 def choose_plan(
-    args: PlanArgs, problem: PlanProblem, damage: Callable[[Plan], float]
+    args: PlanArgs, problem: PlanProblem, damage: Callable[[Plan], float], loss: Callable[[], Score] | None = None
 ) -> tuple[Plan, list[dict[str, Any]]]:
-    """The plan to apply, and every candidate considered (with its cost and measured damage)."""
+    """The plan to apply, and every candidate considered (with its cost and measured damage).
+
+    ``loss`` builds the training-loss meter of ``--plan.method=loss`` (called only for that method).
+    """
     if args.kept is not None:
         validate_kept(problem, args.kept)
         kept = {name: tuple(idx) for name, idx in args.kept.items()}
@@ -158,7 +166,22 @@ def choose_plan(
         chosen = Plan(method="manual", kept=kept, cost=cost)
         return chosen, [{**chosen.to_json(), "damage": damage(chosen), "chosen": True}]
     budget = Budget(ratio=args.ratio, keep=args.keep, threshold=args.threshold)
-    requested = plan_removal(problem, budget, args.method, seed=args.seed, run_threshold=args.run_threshold)
+    if args.method == LOSS:
+        if loss is None:
+            raise ValueError(f"--plan.method={LOSS} measures plans on calibration frames: prune with it "
+                             "(vlaprune prune), then give the checkpoint (bench: --pruned.path)")
+        if args.run_threshold is not None:
+            raise ValueError(f"--plan.run_threshold is the cka-run rule; --plan.method={LOSS} takes a budget "
+                             "(--plan.ratio, --plan.keep or --plan.threshold)")
+        logger.info("%s planner: at most %d training-loss evaluations", LOSS, greedy_evaluations(problem, budget))
+        start = time.perf_counter()
+        found = greedy_removal(problem, budget, loss())
+        requested = Plan(found.method, found.kept, found.cost,
+                         {**found.details, "seconds": time.perf_counter() - start})
+        logger.info("%s planner: %d evaluations in %.1f s", LOSS, found.details["evaluations"],
+                    requested.details["seconds"])
+    else:
+        requested = plan_removal(problem, budget, args.method, seed=args.seed, run_threshold=args.run_threshold)
     candidates = [requested]
     if args.refine > 1:
         for plan in candidate_plans(problem, budget, limit=args.refine, seed=args.seed):

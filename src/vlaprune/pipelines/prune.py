@@ -17,9 +17,9 @@ from vlaprune.core.family import policy_type
 from vlaprune.core.flops import chunk_flops, parameter_counts
 from vlaprune.core.plan import Plan
 from vlaprune.core.surgery import remove_blocks
-from vlaprune.core.verify import PlanDamage, verify_pruned
+from vlaprune.core.verify import PlanDamage, PlanLoss, verify_pruned
 from vlaprune.families import family_for
-from vlaprune.io.calibration import CalibrationConfig, calibration_batches, describe_calibration
+from vlaprune.io.calibration import SYNTHETIC, CalibrationConfig, calibration_batches, describe_calibration
 from vlaprune.io.manifest import Manifest, StackRecord, original_indices, read_manifest, save_pruned
 from vlaprune.io.outputs import prepare_output_dir
 from vlaprune.io.provenance import library_versions
@@ -74,7 +74,14 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
             meter.append(PlanDamage(source, family, holdout))
         return meter[0](plan.kept)
 
-    plan, candidates = choose_plan(cfg.plan, problem, damage)
+    def loss() -> PlanLoss:
+        if cfg.dataset.repo_id == SYNTHETIC:
+            raise ValueError("--plan.method=loss needs demonstrations: synthetic frames carry random actions; "
+                             "give a LeRobotDataset (--dataset.repo_id, --dataset.root) or use the label-free "
+                             "--plan.method=cka-dp")
+        return PlanLoss(source, family, holdout)
+
+    plan, candidates = choose_plan(cfg.plan, problem, damage, loss)
     kept = {name: list(idx) for name, idx in plan.kept.items()}
 
     pruned = remove_blocks(source, family, kept)

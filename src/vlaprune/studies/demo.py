@@ -1,18 +1,21 @@
 """``make demo`` (``python -m vlaprune.studies.demo``): the whole job on real trained weights, offline, in minutes.
 
-The shipped ``metaworld:smolvla-small`` (a small SmolVLA pretrained on 8 MetaWorld tasks, see
-:mod:`vlaprune.models.shipped`; the pretrained-weights ``metaworld:smolvla`` takes its place once its
-held-out set is shipped) →
+A shipped trained model (default ``metaworld:smolvla``: SmolLM2 and DINOv2 weights, pretrained on
+42 MetaWorld tasks; ``--policy metaworld:smolvla-small`` is the fast small one, see
+:mod:`vlaprune.models.shipped`) →
 
-1. ``analyze``: one calibration pass on demonstrations of the two held-out tasks, CKA heatmaps;
+1. ``analyze``: one calibration pass on demonstrations of its held-out tasks, CKA heatmaps;
 2. ``prune`` to half depth (``cka-dp``), verified against the source with the removed blocks skipped;
 3. ``bench``: the full and the pruned policy timed side by side (training step, action chunk);
 4. the same short ``lerobot-train`` fine-tuning of both on the held-out demonstrations;
 5. closed-loop success of both on the held-out tasks (evaluation positions no demonstration uses).
 
-Everything is written to ``<out>.partial`` and renamed to ``<out>`` at the end (default
-``outputs/demo``): ``analysis/``, ``pruned/``, ``bench.json``, ``finetune/``, ``results.json``
-(``success_full``, ``success_pruned``, speed, plan) and ``report.md``.
+The fine-tuning and evaluation defaults are the model's demo recipe (``ShippedModel.demo``), sized to
+about ten minutes on two CPU cores: far shorter than the quality study's, so the successes show the
+workflow, not the quality (the README's study does). Everything is written to ``<out>.partial`` and
+renamed to ``<out>`` at the end (default ``outputs/demo``): ``analysis/``, ``pruned/``,
+``bench.json``, ``finetune/``, ``results.json`` (``success_full``, ``success_pruned``, speed, plan)
+and ``report.md``.
 """
 
 from __future__ import annotations
@@ -27,21 +30,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-DEMO_MODEL = "metaworld:smolvla-small"  # a spec of vlaprune.models.shipped
-
 
 def main(argv: list[str] | None = None) -> int:
+    from vlaprune.models import shipped
+
     parser = argparse.ArgumentParser(prog="python -m vlaprune.studies.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", default=shipped.SPEC, choices=tuple(shipped.MODELS), help="the shipped model")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of blocks removed per stack")
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps, the same for both policies")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--episodes", type=int, default=5, help="evaluation episodes per held-out task")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fine-tuning steps, the same for both policies (default: the model's demo recipe)")
+    parser.add_argument("--batch_size", type=int, default=None, help="default: the demo recipe's")
+    parser.add_argument("--lr", type=float, default=None, help="default: the demo recipe's")
+    parser.add_argument("--episodes", type=int, default=None,
+                        help="evaluation episodes per held-out task (default: the demo recipe's)")
     parser.add_argument("--max_steps", type=int, default=200, help="environment steps before an episode fails")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    recipe = shipped.get(args.policy).demo
+    for name, field in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("episodes", "eval_episodes")):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(recipe, field))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = args.out.with_name(args.out.name + ".partial")
     if tmp.exists():
@@ -55,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-
-
     from vlaprune.io.provenance import machine_description
     from vlaprune.io.report import prune_summary
     from vlaprune.models import shipped
@@ -69,7 +78,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from vlaprune.studies.train import lerobot_train
 
     start = time.perf_counter()
-    model = shipped.get(DEMO_MODEL)
+    model = shipped.get(args.policy)
     mw.check_tasks(model.held_out)  # fails early, naming what to install, if MetaWorld is missing
     policy = PolicyArgs(path=model.spec, device=args.device)
     data = DatasetArgs(repo_id=shipped.CALIBRATION_REPO_ID, root=str(model.calibration_root))
@@ -89,7 +98,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         for name, checkpoint in (("full", shipped.policy_dir(model.spec)), ("pruned", out / "pruned")):
             runs[name] = lerobot_train(checkpoint, repo_id=data.repo_id or "", root=model.calibration_root,
                                        out=out / "finetune" / name, steps=args.steps, batch_size=args.batch_size,
-                                       seed=args.seed, device=args.device)
+                                       seed=args.seed, device=args.device, lr=args.lr)
     evaluations = {}
     with _stage(f"5/5 closed-loop success: {args.episodes} episodes per held-out task, each policy", seconds):
         for name, run_ in runs.items():
@@ -97,7 +106,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             evaluations[name] = mw.evaluate(bundle.policy, bundle.preprocessor, bundle.postprocessor,
                                             model.held_out, episodes_per_task=args.episodes,
                                             image_size=model.image_size, max_steps=args.max_steps, seed=args.seed,
-                                            progress=False)
+                                            batch_size=10, progress=False)
 
     results = {
         "policy": model.spec, "held_out_tasks": list(model.held_out), "ratio": args.ratio,
@@ -105,7 +114,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "success_per_task": {name: {t: r["success_rate"] for t, r in e["tasks"].items()}
                              for name, e in evaluations.items()},
         "episodes_per_task": args.episodes, "finetune_steps": args.steps, "batch_size": args.batch_size,
-        "seed": args.seed,
+        "lr": args.lr, "seed": args.seed,
         "plan": {name: {"kept": list(s.kept_original), "removed_count": len(s.removed),
                         "source_num_layers": s.source_num_layers} for name, s in pruned.manifest.stacks.items()},
         "parameters": pruned.manifest.parameters,
