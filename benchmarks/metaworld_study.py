@@ -1,7 +1,8 @@
 """Quality study: does a pruned, fine-tuned policy still do the task?
 
-From the pretrained small SmolVLA (``metaworld:smolvla``, pretrained on 8 MetaWorld MT10 tasks), on
-the two held-out tasks it never saw (drawer-close, window-close):
+From a shipped pretrained policy (``--policy``: ``metaworld:smolvla``, SmolLM2 and DINOv2 weights
+robot-pretrained on 42 MetaWorld tasks, or the small ``metaworld:smolvla-small``), on its held-out
+tasks, which pretraining never saw (``vlaprune.models.shipped``):
 
 1. one calibration pass (``vlaprune analyze``) on the held-out demonstrations;
 2. prune at each ratio with each method (``vlaprune prune``; ``cka-dp`` with its default refine,
@@ -15,9 +16,11 @@ the two held-out tasks it never saw (drawer-close, window-close):
    training seed, so within a seed every variant meets the same positions);
 6. ``results.json``, ``table.md`` (mean ± standard deviation over seeds) and ``success_vs_depth.png``.
 
-    python benchmarks/metaworld_study.py --out outputs/mw_study            # the README's study
-    python benchmarks/metaworld_study.py --out outputs/mw_quick --quick    # regression check, < 15 min
+    python benchmarks/metaworld_study.py --policy metaworld:smolvla --out outputs/mw_study_pretrained \
+        --ratios 0.5 --methods cka-dp first-k random --seeds 0 1 2        # the README's study
+    python benchmarks/metaworld_study.py --out outputs/mw_quick --quick    # small model, regression check
 
+Units run in the order of ``Study.units`` (the first seed's fine-tuned variants first).
 Resumable: every finished unit (a pruned checkpoint, a timing, an evaluation) is kept under ``--out``
 and a rerun continues from there; an interrupted ``lerobot-train`` run is removed and redone, so
 partial work never enters the table. The settings that decide a unit's result (steps, batch size,
@@ -74,7 +77,7 @@ def main() -> None:
                              "shipped calibration set)")
     parser.add_argument("--data_repo_id", default=shipped.CALIBRATION_REPO_ID)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, "bi", "angular"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, "bi", "angular", "loss"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps, every variant (default: the "
                         "shipped model's recipe, vlaprune.models.shipped)")

@@ -59,3 +59,14 @@ def test_summary_is_mean_and_sd_over_seeds(tmp_path):
     assert "| cka-dp@0.5 | 50% | 70.0% ± 14.1% | 60% / 80% |" in text
     study.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_units_run_the_first_seeds_comparison_then_the_full_models_spread(tmp_path):
+    s = study.Study(_args(tmp_path, methods=["cka-dp", "first-k"], seeds=[0, 1, 2]))
+    units = [(kind, study.Study.name(m, r), seed) for kind, m, r, seed in s.units()]
+    assert units[:5] == [("finetuned", "full", 0), ("finetuned", "cka-dp@0.5", 0), ("finetuned", "first-k@0.5", 0),
+                         ("finetuned", "full", 1), ("finetuned", "full", 2)]
+    assert units[5:9] == [("finetuned", v, seed) for seed in (1, 2) for v in ("cka-dp@0.5", "first-k@0.5")]
+    assert units[9:] == [("timing", "cka-dp@0.5", 0), ("timing", "first-k@0.5", 0), ("training_free", "full", 0),
+                         ("training_free", "cka-dp@0.5", 0), ("training_free", "first-k@0.5", 0)]
+    assert len(set(units)) == len(units)
