@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml | $(PY)
 	$(PY) -m pip download --quiet --no-deps lerobot==0.5.1 -d $(VENV)/vlaprune-n15  # GR00T N1.5's model code (vlaprune.families.isaac_n15)
 	@touch $(STAMP)
 
-# the whole job on the shipped trained model (metaworld:smolvla-small): analyse, prune 50%, bench, fine-tune
-# full and pruned with lerobot-train, closed-loop success on held-out MetaWorld tasks -> outputs/demo
+# the whole job on the shipped trained model (metaworld:smolvla): analyse, prune 50%, bench, fine-tune full
+# and pruned with lerobot-train, closed-loop success on held-out MetaWorld tasks -> outputs/demo
 demo: $(STAMP)
 	$(PY) -m vlaprune.studies.demo --out outputs/demo
 
