@@ -544,8 +544,7 @@ def plan_removal(problem: PlanProblem, budget: Budget | None, method: str = "cka
 Score = Callable[[Mapping[str, tuple[int, ...]]], float]
 
 
-def greedy_removal(problem: PlanProblem, budget: Budget, score: Score, *, method: str = LOSS,
-                   on_evaluation: Callable[[int], None] | None = None) -> Plan:
+def greedy_removal(problem: PlanProblem, budget: Budget, score: Score, *, method: str = LOSS) -> Plan:
     """Remove one block at a time, each time the one whose removal gives the lowest ``score(kept)``,
     re-scored after every removal (SLEB, Song et al. 2024), until every planning unit reaches its keep
     count under ``budget``.
@@ -554,7 +553,8 @@ def greedy_removal(problem: PlanProblem, budget: Budget, score: Score, *, method
     blocks stay, and a removal is tried only if a kept set of the target size that keeps every role
     still exists inside what remains (an intermediate set may break roles on the way, e.g. one
     removal of an alternating self/cross stack on the way to removing a pair). ``score`` costs a
-    forward pass; :func:`greedy_evaluations` bounds the number of calls. Ties go to the lowest block.
+    forward pass; :func:`greedy_evaluations` bounds the number of calls, and each removal is logged.
+    Ties go to the lowest block.
     """
     groups = _groups(problem)
     counts = _keep_counts(problem, groups, budget)
@@ -575,8 +575,6 @@ def greedy_removal(problem: PlanProblem, budget: Budget, score: Score, *, method
                     continue
                 value = float(score(plan_of([*kept[:gi], trial, *kept[gi + 1:]])))
                 evaluations += 1
-                if on_evaluation is not None:
-                    on_evaluation(1)
                 if not math.isfinite(value):
                     raise ValueError(f"{method}: the score of removing {g.label} block {block} is {value}")
                 if best is None or value < best[0]:
