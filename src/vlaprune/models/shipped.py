@@ -95,7 +95,7 @@ MODELS = {
                        # 600 steps: 35.8% on the held-out tasks (seed 0, 30 episodes each), 400 gave 37.5%
                        # (10 episodes): the longer of the two, for the study (docs/results/testbed.md)
                        recipe=Recipe(steps=600, batch_size=16, lr=1e-4, eval_episodes=30),
-                       demo=Recipe(steps=100, batch_size=16, lr=1e-4, eval_episodes=3)),
+                       demo=Recipe(steps=80, batch_size=16, lr=1e-4, eval_episodes=3)),
     SMALL: ShippedModel(SMALL, "metaworld_small", "small", 64, kept_out=("drawer-close-v3", "window-close-v3"),
                         held_out=("drawer-close-v3", "window-close-v3"),
                         regenerate="python benchmarks/metaworld_pretrain.py --ship",
