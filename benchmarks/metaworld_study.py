@@ -21,11 +21,12 @@ tasks, which pretraining never saw (``vlaprune.models.shipped``):
     python benchmarks/metaworld_study.py --out outputs/mw_quick --quick    # small model, regression check
 
 Units run in the order of ``Study.units`` (the first seed's fine-tuned variants first).
-Resumable: every finished unit (a pruned checkpoint, a timing, an evaluation) is kept under ``--out``
-and a rerun continues from there; an interrupted ``lerobot-train`` run is removed and redone, so
-partial work never enters the table. The settings that decide a unit's result (steps, batch size,
-episodes, ...) are fixed per ``--out`` (a rerun with others is refused); seeds, ratios and methods
-can be added on a rerun.
+``--resume_from`` seeds a new ``--out`` with a committed copy of a study's units (settings.json and
+records.jsonl), so a study continues on another machine. Resumable: every finished unit (a pruned
+checkpoint, a timing, an evaluation) is kept under ``--out`` and a rerun continues from there; an
+interrupted ``lerobot-train`` run is removed and redone, so partial work never enters the table. The
+settings that decide a unit's result (steps, batch size, episodes, ...) are fixed per ``--out`` (a
+rerun with others is refused); seeds, ratios and methods can be added on a rerun.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,9 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=200, help="environment steps per episode")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--timing_rounds", type=int, default=10)
+    parser.add_argument("--resume_from", type=Path, default=None,
+                        help="a directory with a study's settings.json and records.jsonl (e.g. a committed copy): "
+                             "its finished units seed an --out that has none; the settings must match")
     parser.add_argument("--quick", action="store_true",
                         help="regression check: seed 0, ratio 0.5, 150 steps, 5 episodes per task")
     args = parser.parse_args()
@@ -99,6 +104,14 @@ def main() -> None:
     if args.quick:
         args.seeds, args.ratios, args.steps, args.eval_episodes, args.timing_rounds = [0], [0.5], 150, 5, 5
     Study(args).run()
+
+
+def _setting(value: Any) -> str:
+    """A unit setting as the study records it: a path inside the shipped assets relative to them, so
+    that a committed copy of a study resumes in another clone."""
+    if isinstance(value, Path) and value.resolve().is_relative_to(shipped.ASSETS_ROOT.resolve()):
+        return f"<assets>/{value.resolve().relative_to(shipped.ASSETS_ROOT.resolve())}"
+    return str(value)
 
 
 class Study:
@@ -115,7 +128,16 @@ class Study:
     # ---- bookkeeping -------------------------------------------------------------------------
     def check_settings(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        mine = {k: str(getattr(self.args, k)) for k in UNIT_SETTINGS}
+        source = getattr(self.args, "resume_from", None)
+        if source is not None and not self.records_path.exists():
+            for name in ("settings.json", "records.jsonl"):
+                if not (source / name).is_file():
+                    raise SystemExit(f"--resume_from {source} has no {name}")
+            if (self.out / "settings.json").exists():
+                raise SystemExit(f"{self.out} already holds a study's settings; --resume_from seeds a new --out")
+            shutil.copy(source / "settings.json", self.out / "settings.json")
+            shutil.copy(source / "records.jsonl", self.records_path)
+        mine = {k: _setting(getattr(self.args, k)) for k in UNIT_SETTINGS}
         path = self.out / "settings.json"
         if path.exists():
             theirs = json.loads(path.read_text())
@@ -238,6 +260,7 @@ class Study:
             if method != FULL:
                 manifest = json.loads((start / "prune_manifest.json").read_text())
                 record["kept"] = {n: s["kept_original"] for n, s in manifest["stacks"].items()}
+                check_same_plan(records, record, start)
             if kind == "timing":
                 assert ratio is not None
                 record["timing"] = self.timing(method, ratio)
@@ -251,6 +274,17 @@ class Study:
             records[key] = record
             write_results(self.out, a, records, self.variants())  # the table so far, after every unit
         write_results(self.out, a, records, self.variants())
+
+
+def check_same_plan(records: dict[str, dict[str, Any]], record: dict[str, Any], checkpoint: Path) -> None:
+    """A variant's units must share one plan (``random``: one per seed). A pruned checkpoint planned
+    again on another machine could differ where plans nearly tie; then its results cannot join."""
+    for other in records.values():
+        same = Study.name(other["method"], other["ratio"]) == Study.name(record["method"], record["ratio"])
+        if same and (record["method"] != "random" or other["seed"] == record["seed"]) and "kept" in other \
+                and other["kept"] != record["kept"]:
+            raise SystemExit(f"{checkpoint} keeps {record['kept']}, but the recorded unit {other['key']} of the same "
+                             f"variant kept {other['kept']}: prune it with --plan.kept set to the recorded plan")
 
 
 # ---- results ------------------------------------------------------------------------------------

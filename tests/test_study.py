@@ -70,3 +70,35 @@ def test_units_run_the_first_seeds_comparison_then_the_full_models_spread(tmp_pa
     assert units[9:] == [("timing", "cka-dp@0.5", 0), ("timing", "first-k@0.5", 0), ("training_free", "full", 0),
                          ("training_free", "cka-dp@0.5", 0), ("training_free", "first-k@0.5", 0)]
     assert len(set(units)) == len(units)
+
+
+def test_a_committed_copy_of_the_units_seeds_a_new_out(tmp_path):
+    first = study.Study(_args(tmp_path / "a"))
+    first.check_settings()
+    first.save_record({"key": "finetuned/full/s0", "kind": "finetuned", "method": "full", "ratio": None, "seed": 0})
+    resumed = study.Study(_args(tmp_path / "b", resume_from=tmp_path / "a", seeds=[0, 1]))
+    resumed.check_settings()
+    assert list(resumed.records()) == ["finetuned/full/s0"]
+    with pytest.raises(SystemExit, match=r"other settings.*steps"):
+        study.Study(_args(tmp_path / "c", resume_from=tmp_path / "a", steps=200)).check_settings()
+    with pytest.raises(SystemExit, match=r"has no settings\.json"):
+        study.Study(_args(tmp_path / "d", resume_from=tmp_path / "empty")).check_settings()
+
+
+def test_the_shipped_calibration_set_is_recorded_relative_to_the_assets():
+    from vlaprune.models import shipped
+
+    assert study._setting(shipped.get(shipped.SPEC).calibration_root) == "<assets>/metaworld/heldout"
+    assert study._setting(Path("/data/elsewhere")) == "/data/elsewhere" and study._setting(400) == "400"
+
+
+def test_a_variant_replanned_differently_cannot_join_its_recorded_units(tmp_path):
+    recorded = {"finetuned/cka-dp@0.5/s0": {"key": "finetuned/cka-dp@0.5/s0", "method": "cka-dp", "ratio": 0.5,
+                                            "seed": 0, "kept": {"vlm": [0, 1]}},
+                "finetuned/random@0.5/s0": {"key": "finetuned/random@0.5/s0", "method": "random", "ratio": 0.5,
+                                            "seed": 0, "kept": {"vlm": [0, 3]}}}
+    same = {"method": "cka-dp", "ratio": 0.5, "seed": 1, "kept": {"vlm": [0, 1]}}
+    study.check_same_plan(recorded, same, tmp_path)
+    study.check_same_plan(recorded, {"method": "random", "ratio": 0.5, "seed": 1, "kept": {"vlm": [2, 3]}}, tmp_path)
+    with pytest.raises(SystemExit, match=r"recorded unit finetuned/cka-dp@0\.5/s0 .* kept \{'vlm': \[0, 1\]\}"):
+        study.check_same_plan(recorded, {**same, "kept": {"vlm": [0, 2]}}, tmp_path)
