@@ -55,8 +55,7 @@ def main() -> None:
         return list(calibration_batches(policy, bundle.preprocessor, repo_id=shipped.CALIBRATION_REPO_ID,
                                         root=model.calibration_root, config=config, allow_synthetic=False))
 
-    holdout = frames(CalibrationConfig(num_samples=defaults.holdout_samples, batch_size=calibration.batch_size,
-                                       seed=calibration.seed + 10_007))
+    holdout = frames(calibration.holdout(defaults.holdout_samples))
     calib = frames(calibration)
     start = time.perf_counter()
     stacks = compute_stack_cka(policy, calib, family=family)
@@ -81,7 +80,7 @@ def main() -> None:
         "policy": args.policy, "ratio": args.ratio, "machine": machine_description("cpu"),
         "calibration": {"samples": calibration.num_samples, "batch_size": calibration.batch_size,
                         "seconds": calibration_s},
-        "loss_search": {"holdout_samples": defaults.holdout_samples, "draws": 2, "seconds": search_s,
+        "loss_search": {"holdout_samples": defaults.holdout_samples, "draws": loss.draws, "seconds": search_s,
                         "evaluations": found.details["evaluations"], "bound": greedy_evaluations(problem, budget),
                         "seconds_per_evaluation": search_s / max(1, found.details["evaluations"]),
                         "order": found.details["order"]},

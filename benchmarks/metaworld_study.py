@@ -128,7 +128,7 @@ class Study:
     # ---- bookkeeping -------------------------------------------------------------------------
     def check_settings(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        source = getattr(self.args, "resume_from", None)
+        source = self.args.resume_from
         if source is not None and not self.records_path.exists():
             for name in ("settings.json", "records.jsonl"):
                 if not (source / name).is_file():

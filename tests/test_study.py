@@ -18,7 +18,8 @@ _spec.loader.exec_module(study)
 def _args(out: Path, **kw) -> argparse.Namespace:
     base = {"out": out, "policy": "metaworld:smolvla-small", "data_root": Path("d"), "data_repo_id": "local/x",
             "ratios": [0.5], "methods": ["cka-dp"], "seeds": [0], "steps": 400, "batch_size": 32, "lr": 1e-4,
-            "eval_episodes": 20, "max_steps": 200, "device": "cpu", "timing_rounds": 10, "quick": False}
+            "eval_episodes": 20, "max_steps": 200, "device": "cpu", "timing_rounds": 10, "quick": False,
+            "resume_from": None}
     return argparse.Namespace(**{**base, **kw})
 
 

@@ -118,7 +118,7 @@ class PlanLoss:
     @torch.no_grad()
     def __init__(self, source: Any, family: Family, batches: Sequence[dict[str, Any]], *, seed: int = 0,
                  draws: int = 2) -> None:
-        self.source, self.family, self.batches = source, family, list(batches)
+        self.source, self.family, self.batches, self.draws = source, family, list(batches), draws
         unlabelled = [i for i, batch in enumerate(self.batches) if "action" not in batch]
         if unlabelled or not self.batches:
             raise ValueError("the loss planner needs calibration frames with action labels (a LeRobotDataset "

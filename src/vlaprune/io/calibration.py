@@ -39,6 +39,10 @@ class CalibrationConfig:
         if self.batch_size < 1:
             raise ValueError(f"calibration.batch_size must be >= 1, got {self.batch_size}")
 
+    def holdout(self, num_samples: int) -> CalibrationConfig:
+        """The held-out frames beside these (refine, verify, the loss planner): another seed, same batch size."""
+        return CalibrationConfig(num_samples=num_samples, batch_size=self.batch_size, seed=self.seed + 10_007)
+
     @property
     def batch_sizes(self) -> list[int]:
         full, rest = divmod(self.num_samples, self.batch_size)

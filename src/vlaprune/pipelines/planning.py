@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,8 +176,7 @@ def choose_plan(
         logger.info("%s planner: at most %d training-loss evaluations", LOSS, greedy_evaluations(problem, budget))
         start = time.perf_counter()
         found = greedy_removal(problem, budget, loss())
-        requested = Plan(found.method, found.kept, found.cost,
-                         {**found.details, "seconds": time.perf_counter() - start})
+        requested = replace(found, details={**found.details, "seconds": time.perf_counter() - start})
         logger.info("%s planner: %d evaluations in %.1f s", LOSS, found.details["evaluations"],
                     requested.details["seconds"])
     else:

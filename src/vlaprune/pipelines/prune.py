@@ -59,8 +59,7 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
                                         synthetic=bundle.synthetic))
 
     # held-out frames: another seed (a LeRobotDataset may repeat a few frames; synthetic never does)
-    holdout = batches(CalibrationConfig(num_samples=cfg.holdout_samples, batch_size=calib.batch_size,
-                                        seed=calib.seed + 10_007))
+    holdout = batches(calib.holdout(cfg.holdout_samples))
     if cfg.analysis:
         stacks = load_analysis(Path(cfg.analysis))
     else:
