@@ -5,8 +5,9 @@ robot-pretrained on 42 MetaWorld tasks, or the small ``metaworld:smolvla-small``
 tasks, which pretraining never saw (``vlaprune.models.shipped``):
 
 1. one calibration pass (``vlaprune analyze``) on the held-out demonstrations;
-2. prune at each ratio with each method (``vlaprune prune``; ``cka-dp`` with its default refine,
-   the baselines as planned, refine off; ``random`` draws a new plan per seed);
+2. prune at each ratio with each method (``vlaprune prune``): ``default`` is what ``vlaprune prune``
+   makes when no method is given (its default refinement included); every named method is its plan as
+   planned, refinement off; ``random`` draws a new plan per seed;
 3. timing, alternated in one process (``vlaprune bench``): the pruned vs the full model's training
    step at the fine-tuning batch size and one action chunk;
 4. the training-free point: closed-loop success of every pruned model before fine-tuning;
@@ -17,7 +18,7 @@ tasks, which pretraining never saw (``vlaprune.models.shipped``):
 6. ``results.json``, ``table.md`` (mean ± standard deviation over seeds) and ``success_vs_depth.png``.
 
     python benchmarks/metaworld_study.py --policy metaworld:smolvla --out outputs/mw_study_pretrained \
-        --ratios 0.5 --methods cka-dp first-k random --seeds 0 1 2        # the README's study
+        --ratios 0.5 --methods default first-k random --seeds 0 1 2       # the README's study
     python benchmarks/metaworld_study.py --out outputs/mw_quick --quick    # small model, regression check
 
 Units run in the order of ``Study.units`` (the first seed's fine-tuned variants first).
@@ -26,7 +27,9 @@ records.jsonl), so a study continues on another machine. Resumable: every finish
 checkpoint, a timing, an evaluation) is kept under ``--out`` and a rerun continues from there; an
 interrupted ``lerobot-train`` run is removed and redone, so partial work never enters the table. The
 settings that decide a unit's result (steps, batch size, episodes, ...) are fixed per ``--out`` (a
-rerun with others is refused); seeds, ratios and methods can be added on a rerun.
+rerun with others is refused); seeds, ratios and methods can be added on a rerun. Two variants whose
+plans keep the same blocks (e.g. ``default`` and the method it chose) share their units at a seed:
+the same checkpoint trained with the same seed and recipe; the record names the unit it shares.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ from vlaprune.pipelines.prune import run_prune
 from vlaprune.studies import metaworld as mw
 from vlaprune.studies.train import lerobot_train
 
-METHODS = ("cka-dp", "cka-run", "first-k", "random")
+METHODS = ("default", "cka-dp", "cka-run", "first-k", "random")
+DEFAULT = "default"  # the plan `vlaprune prune` makes without --plan.method
 FULL = "full"
 # the settings that decide a unit's result: fixed for one --out
 UNIT_SETTINGS = ("policy", "data_root", "data_repo_id", "steps", "batch_size", "lr", "eval_episodes", "max_steps",
@@ -79,7 +83,8 @@ def main() -> None:
                              "shipped calibration set)")
     parser.add_argument("--data_repo_id", default=shipped.CALIBRATION_REPO_ID)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, "bi", "angular", "loss"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, "bi", "angular", "loss"),
+                        help="default: the plan `vlaprune prune` makes without --plan.method; the others as planned")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps, every variant (default: the "
                         "shipped model's recipe, vlaprune.models.shipped)")
@@ -197,7 +202,8 @@ class Study:
             return self.source_dir()
         out = self.out / "pruned" / self.name(method, ratio, seed)
         if not (out / "model.safetensors").exists():
-            plan = PlanArgs(method=method, ratio=ratio, seed=seed, refine=4 if method == "cka-dp" else 0)
+            plan = PlanArgs(ratio=ratio, seed=seed) if method == DEFAULT else \
+                PlanArgs(method=method, ratio=ratio, seed=seed, refine="off")
             run_prune(PruneConfig(policy=PolicyArgs(path=self.args.policy), dataset=self.dataset(), plan=plan,
                                   analysis=str(self.analysis()), out=str(out), overwrite=True))
         return out
@@ -260,8 +266,12 @@ class Study:
             if method != FULL:
                 manifest = json.loads((start / "prune_manifest.json").read_text())
                 record["kept"] = {n: s["kept_original"] for n, s in manifest["stacks"].items()}
+                record["planned_by"] = manifest["method"]
                 check_same_plan(records, record, start)
-            if kind == "timing":
+            twin = same_unit(records, record)
+            if twin is not None:
+                record.update({k: v for k, v in twin.items() if k not in record}, shared_with=twin["key"])
+            elif kind == "timing":
                 assert ratio is not None
                 record["timing"] = self.timing(method, ratio)
             elif kind == "training_free":
@@ -272,8 +282,26 @@ class Study:
                 record["evaluation"] = self.evaluate(final, seed)
             self.save_record(record)
             records[key] = record
-            write_results(self.out, a, records, self.variants())  # the table so far, after every unit
-        write_results(self.out, a, records, self.variants())
+            write_results(self.out, a, records, self.reported(records))  # the table so far, after every unit
+        write_results(self.out, a, records, self.reported(records))
+
+    def reported(self, records: dict[str, dict[str, Any]]) -> list[tuple[str, float | None]]:
+        """The variants the table shows: this run's, then any other recorded in ``--out`` (a study grows by
+        reruns that add methods, ratios or seeds; none of its finished units leaves the table)."""
+        shown = self.variants()
+        for r in records.values():
+            if (r["method"], r["ratio"]) not in shown:
+                shown.append((r["method"], r["ratio"]))
+        return shown
+
+
+def same_unit(records: dict[str, dict[str, Any]], record: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished unit of another variant with this unit's kind, seed and kept blocks (its result is this
+    unit's: the same checkpoint, fine-tuned and evaluated with the same seed and recipe), or None."""
+    if "kept" not in record:
+        return None
+    return next((r for r in records.values() if r["kind"] == record["kind"] and r["seed"] == record["seed"]
+                 and r.get("kept") == record["kept"] and "shared_with" not in r), None)
 
 
 def check_same_plan(records: dict[str, dict[str, Any]], record: dict[str, Any], checkpoint: Path) -> None:

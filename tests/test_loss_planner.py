@@ -61,7 +61,7 @@ def test_the_loss_needs_labelled_frames(tiny, tmp_path):
     unlabelled = [{k: v for k, v in b.items() if not k.startswith("action")} for b in _batches(bundle)]
     with pytest.raises(ValueError, match=r"action labels.*--plan.method=cka-dp"):
         PlanLoss(bundle.policy, family_for(bundle.policy), unlabelled)
-    with pytest.raises(ValueError, match=r"synthetic frames carry random actions.*--plan.method=cka-dp"):
+    with pytest.raises(ValueError, match=r"--plan.method=loss needs demonstrations: .*--plan.method=cka-dp"):
         run_prune(_cfg(tmp_path / "p", method="loss"))
     assert not (tmp_path / "p").exists()
 
@@ -69,7 +69,7 @@ def test_the_loss_needs_labelled_frames(tiny, tmp_path):
 def test_prune_with_the_loss_planner_records_its_search(tmp_path):
     make_dataset(tmp_path / "data")
     result = run_prune(_cfg(tmp_path / "p", method="loss", repo_id="local/calib", root=str(tmp_path / "data"),
-                            refine=0))
+                            refine="off"))
     manifest = result.manifest
     assert manifest.method == manifest.requested_method == "loss"
     details = manifest.plan["details"]

@@ -13,6 +13,7 @@ import pytest
 
 from vlaprune.core.plan import (
     METHODS,
+    POOL,
     Budget,
     Plan,
     PlanError,
@@ -374,24 +375,22 @@ def test_independent_stacks_are_planned_separately() -> None:
 
 
 # ------------------------------------------------------------------------------------ candidates
-def test_candidate_plans_sorted_unique_and_led_by_cka_dp() -> None:
+def test_the_refine_pool_holds_the_baselines_and_the_similarity_plans_once_each() -> None:
     problem = _case(8, None, "first", False, seed=9)
     budget = Budget(ratio=0.5)
-    plans = candidate_plans(problem, budget, limit=20)
-    # reference: every method on its own (random with 3 seeds), first of each kept set, stable sort by cost
-    reference: dict[tuple[int, ...], Plan] = {}
-    for method, seed in [*((m, 0) for m in METHODS if m != "random"), ("random", 0), ("random", 1), ("random", 2)]:
-        plan = plan_removal(problem, budget, method, seed=seed)
-        reference.setdefault(_kept(plan), plan)
-    raw = [p.cost for p in reference.values()]
-    assert raw != sorted(raw)  # the methods' own order is not the answer
-    assert plans == sorted(reference.values(), key=lambda p: p.cost)
-    assert len({tuple(sorted(p.kept.items())) for p in plans}) == len(plans) > 3
-    assert plans[0].kept == plan_removal(problem, budget).kept
-    assert candidate_plans(problem, budget, limit=2) == plans[:2]
+    plans = candidate_plans(problem, budget)
+    reference: dict[tuple, list[Plan]] = {}
+    for method in POOL:  # every pool method on its own, grouped by kept set, in the pool's order
+        plan = plan_removal(problem, budget, method)
+        reference.setdefault(_kept(plan), []).append(plan)
+    assert [_kept(p) for p in plans] == list(reference) and plans[0].method == "first-k"
+    assert [p.details.get("also", []) for p in plans] == [[q.method for q in same[1:]] for same in reference.values()]
+    assert "random" not in {p.method for p in plans}
     no_cosine = PlanProblem((StackProblem("vlm", 8, _sym(8, 4)),))
-    methods = {p.method for p in candidate_plans(no_cosine, Budget(ratio=0.5), limit=20)}
+    methods = [p.method for p in candidate_plans(no_cosine, Budget(ratio=0.5))]
     assert "bi" not in methods and "angular" not in methods and "cka-dp" in methods
+    protected = PlanProblem((StackProblem("vlm", 8, _sym(8, 4), protected=frozenset({7})),))
+    assert "first-k" not in {p.method for p in candidate_plans(protected, Budget(ratio=0.5))}
 
 
 # ------------------------------------------------------------------------------ greedy (loss planner)

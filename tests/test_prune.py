@@ -10,6 +10,7 @@ import torch
 
 from vlaprune import load_policy
 from vlaprune.cli import main
+from vlaprune.core.plan import POOL
 from vlaprune.families import family_for
 from vlaprune.io.manifest import Manifest, read_manifest
 from vlaprune.pipelines.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
@@ -58,7 +59,7 @@ def test_prune_writes_a_checkpoint_that_reloads_identically(tmp_path, spec):
 @pytest.mark.parametrize("spec", TINY_SPECS)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_gives_a_verified_checkpoint(tmp_path, spec, method):
-    result = run_prune(_cfg(tmp_path / method, spec, method=method, refine=0))
+    result = run_prune(_cfg(tmp_path / method, spec, method=method, refine="off"))
     assert result.manifest.method == method
     assert result.manifest.verify["chunk_max_abs_diff"] < 1e-4
     reloaded = load_policy(str(result.out))
@@ -69,12 +70,43 @@ def test_every_method_gives_a_verified_checkpoint(tmp_path, spec, method):
         assert [roles[k] for k in kept] == roles[: len(kept)]  # every kept block keeps its role
 
 
-def test_refine_records_candidates_and_keeps_the_least_damaging(tmp_path):
-    result = run_prune(_cfg(tmp_path / "p", refine=4))
+def test_refine_on_synthetic_frames_keeps_the_least_damaging_plan_of_the_pool(tmp_path):
+    result = run_prune(_cfg(tmp_path / "p", "tiny:pi0"))  # refine=auto: without action labels, by chunk damage
     candidates = result.manifest.candidates
-    assert 2 <= len(candidates) <= 4
+    assert candidates[0]["method"] == "cka-dp"
+    found = [m for c in candidates for m in (c["method"], *c["details"].get("also", []))]
+    assert set(found) == set(POOL)  # the requested cka-dp and every plan of the pool, each kept set once
+    assert len({json.dumps(c["kept"], sort_keys=True) for c in candidates}) == len(candidates) >= 2
     chosen = [c for c in candidates if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["damage"] == min(c["damage"] for c in candidates)
+    assert {c["signal"] for c in candidates} == {"damage"} and result.manifest.settings["refine_signal"] == "damage"
+    assert result.manifest.kept() == {n: list(k) for n, k in chosen[0]["kept"].items()}
+
+
+def test_refine_on_demonstrations_picks_by_the_training_loss_among_every_plan(tmp_path):
+    make_dataset(tmp_path / "data")
+    result = run_prune(_cfg(tmp_path / "p", repo_id="local/calib", root=str(tmp_path / "data")))
+    candidates = result.manifest.candidates
+    found = {m for c in candidates for m in (c["method"], *c["details"].get("also", []))}
+    assert {"cka-dp", "loss", *POOL} <= found
+    assert all(c["damage"] is not None and c["signal"] == "loss_increase" for c in candidates)
+    chosen = [c for c in candidates if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["loss_increase"] == min(c["loss_increase"] for c in candidates)
+    assert result.manifest.settings["refine_signal"] == "loss"
+    by_damage = run_prune(_cfg(tmp_path / "d", repo_id="local/calib", root=str(tmp_path / "data"), refine="damage"))
+    # the same pool, measured the same way: only the signal that picks differs
+    assert [c["kept"] for c in by_damage.manifest.candidates] == [c["kept"] for c in candidates]
+    assert [c["damage"] for c in by_damage.manifest.candidates] == pytest.approx([c["damage"] for c in candidates])
+    picked = next(c for c in by_damage.manifest.candidates if c["chosen"])
+    assert picked["damage"] == min(c["damage"] for c in candidates)
+
+
+def test_refine_by_loss_without_labels_and_unknown_signals_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"--plan.refine=loss needs demonstrations"):
+        run_prune(_cfg(tmp_path / "p", refine="loss"))
+    with pytest.raises(ValueError, match=r"--plan.refine='best' is unknown; choose auto, off, damage or loss"):
+        run_prune(_cfg(tmp_path / "p", refine="best"))
+    assert not (tmp_path / "p").exists()
 
 
 def test_explicit_plan_and_bad_plans(tmp_path):
@@ -160,8 +192,8 @@ def test_reusing_analysis_json_gives_the_same_plan(tmp_path):
 
     run_analyze(AnalyzeConfig(policy=PolicyArgs(path="tiny:smolvla"), dataset=DatasetArgs(repo_id="synthetic"),
                               calibration=CalibrationArgs(num_samples=4, batch_size=2), out=str(tmp_path / "a")))
-    fresh = run_prune(_cfg(tmp_path / "fresh", refine=0))
-    cfg = _cfg(tmp_path / "reused", refine=0)
+    fresh = run_prune(_cfg(tmp_path / "fresh", refine="off"))
+    cfg = _cfg(tmp_path / "reused", refine="off")
     cfg.analysis = str(tmp_path / "a" / "analysis.json")
     reused = run_prune(cfg)
     assert reused.manifest.stacks == fresh.manifest.stacks

@@ -103,3 +103,24 @@ def test_a_variant_replanned_differently_cannot_join_its_recorded_units(tmp_path
     study.check_same_plan(recorded, {"method": "random", "ratio": 0.5, "seed": 1, "kept": {"vlm": [2, 3]}}, tmp_path)
     with pytest.raises(SystemExit, match=r"recorded unit finetuned/cka-dp@0\.5/s0 .* kept \{'vlm': \[0, 1\]\}"):
         study.check_same_plan(recorded, {**same, "kept": {"vlm": [0, 2]}}, tmp_path)
+
+
+def test_the_table_keeps_variants_recorded_by_earlier_runs(tmp_path):
+    s = study.Study(_args(tmp_path, methods=["first-k"]))
+    records = {"finetuned/loss@0.5/s0": {"key": "finetuned/loss@0.5/s0", "method": "loss", "ratio": 0.5, "seed": 0},
+               "finetuned/first-k@0.5/s0": {"key": "finetuned/first-k@0.5/s0", "method": "first-k", "ratio": 0.5,
+                                            "seed": 0}}
+    assert s.reported(records) == [("full", None), ("first-k", 0.5), ("loss", 0.5)]
+
+
+def test_a_variant_with_another_variants_plan_shares_its_unit_at_the_same_seed():
+    loss = {"key": "finetuned/loss@0.5/s0", "kind": "finetuned", "method": "loss", "ratio": 0.5, "seed": 0,
+            "kept": {"vlm": [0, 3]}, "evaluation": _evaluation(0.4)}
+    records = {loss["key"]: loss}
+    default = {"key": "finetuned/default@0.5/s0", "kind": "finetuned", "method": "default", "ratio": 0.5, "seed": 0,
+               "kept": {"vlm": [0, 3]}}
+    assert study.same_unit(records, default) is loss
+    assert study.same_unit(records, {**default, "seed": 1}) is None  # another seed trains another model
+    assert study.same_unit(records, {**default, "kept": {"vlm": [0, 1]}}) is None
+    assert study.same_unit(records, {**default, "kind": "timing"}) is None
+    assert study.same_unit(records, {"key": "finetuned/full/s0", "kind": "finetuned", "seed": 0}) is None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from operator import index
 from types import MappingProxyType
@@ -601,26 +601,44 @@ def greedy_evaluations(problem: PlanProblem, budget: Budget) -> int:
     return sum(total - t for t in range(removals))
 
 
-def candidate_plans(problem: PlanProblem, budget: Budget, *, limit: int, seed: int = 0) -> list[Plan]:
-    """The ``limit`` cheapest distinct plans of all methods under one budget, cheapest first.
+# the refinement pool: the trivial baselines first (keep a prefix, drop the best contiguous window), then
+# the similarity plans; random plans are a baseline to compare against, not candidates
+POOL = ("first-k", "angular", "cka-dp", "cka-run", "bi")
 
-    For ``--refine``: the proxy is good, not perfect (docs/design.md), so a few candidates are measured
-    for real damage elsewhere. Methods that cannot serve the budget are dropped (logged at debug).
+
+def candidate_plans(problem: PlanProblem, budget: Budget) -> list[Plan]:
+    """The distinct plans of every method in :data:`POOL` that can serve ``budget``, in that order.
+
+    For ``--plan.refine``: no proxy decides alone which plan fine-tunes best, so a measured signal picks
+    among these. A method that cannot serve the budget under the family's rules is dropped (logged);
+    if none can, the error of the first is raised.
     """
-    if limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    runs = [(m, seed) for m in METHODS if m != "random"] + [("random", seed + i) for i in range(3)]
-    plans, seen = [], set()
-    for method, s in runs:
+    plans: list[Plan] = []
+    errors: list[PlanError] = []
+    for method in POOL:
         try:
-            plan = plan_removal(problem, budget, method, seed=s)
+            plans.append(plan_removal(problem, budget, method))
         except PlanError as err:
-            if method == "cka-dp":
-                raise
-            logger.debug("candidate_plans: %s dropped: %s", method, err)
-            continue
-        key = tuple(sorted(plan.kept.items()))
-        if key not in seen:
-            seen.add(key)
-            plans.append(plan)
-    return sorted(plans, key=lambda p: p.cost)[:limit]
+            logger.info("refine pool: %s dropped: %s", method, err)
+            errors.append(err)
+    if not plans:
+        raise errors[0]
+    return distinct_plans(plans)
+
+
+def distinct_plans(plans: Sequence[Plan]) -> list[Plan]:
+    """``plans`` without repeats of a kept set, in order; the first of each set records the methods
+    that found it too (``details["also"]``), so a pool shows e.g. that cka-dp's plan is first-k's."""
+    out: list[Plan] = []
+    for plan in plans:
+        same = next((i for i, p in enumerate(out) if dict(p.kept) == dict(plan.kept)), None)
+        if same is None:
+            out.append(plan)
+        else:
+            first = out[same]
+            also = list(first.details.get("also", []))
+            for method in (plan.method, *plan.details.get("also", [])):
+                if method != first.method and method not in also:
+                    also.append(method)
+            out[same] = replace(first, details={**first.details, "also": also})
+    return out

@@ -82,13 +82,16 @@ def prune_summary(manifest: Manifest) -> str:
     for name, stack in manifest.stacks.items():
         lines.append(f"  {name:<8} keep {len(stack.kept):>2}/{stack.source_num_layers:<2} {list(stack.kept)}  "
                      f"removed {list(stack.removed)}")
-    lines.append(f"  {'method':<10}{'cka-dp cost':>12}{'damage':>10}")
+    signal = next((c.get("signal") for c in manifest.candidates if c.get("signal")), None)
+    lines.append(f"  {'method':<10}{'cka-dp cost':>12}{'damage':>10}{'loss incr.':>12}"
+                 + (f"   (refined by {signal.replace('_', ' ')})" if signal else ""))
     for cand in manifest.candidates:
         damage = "-" if cand.get("damage") is None else f"{cand['damage']:.4f}"
+        loss = "-" if cand.get("loss_increase") is None else f"{cand['loss_increase']:+.4f}"
         mark = "  <- chosen" if cand.get("chosen") else ""
         seed = cand.get("details", {}).get("seed")
         label = cand["method"] if seed is None else f"{cand['method']} s{seed}"
-        lines.append(f"  {label:<10}{cand['cost']:>12.4f}{damage:>10}{mark}")
+        lines.append(f"  {label:<10}{cand['cost']:>12.4f}{damage:>10}{loss:>12}{mark}")
     params, flops = manifest.parameters, manifest.chunk_linear_flops
     lines.append(
         f"parameters {params['source']['total'] / 1e6:.2f}M → {params['pruned']['total'] / 1e6:.2f}M; "

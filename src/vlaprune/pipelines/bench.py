@@ -142,7 +142,7 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
                                    family=family, cka=cfg.cka.config(), capture=cfg.calibration.capture())
         problem = build_problem(family, full, stacks, cfg.plan.protect, cfg.plan.allow)
         # timing needs the requested method's plan as is: no refine
-        plan, _ = choose_plan(replace(cfg.plan, refine=0), problem, lambda p: float("nan"))
+        plan, _ = choose_plan(replace(cfg.plan, refine="off"), problem, lambda p: float("nan"))
         kept = {name: list(idx) for name, idx in plan.kept.items()}
         method = plan.method
     full.to(dtype=dtype)

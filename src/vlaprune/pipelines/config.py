@@ -100,7 +100,10 @@ class PlanArgs:
     keep: dict[str, int] | None = None  # explicit keep count per stack, e.g. '{vlm: 4, expert: 4}'
     threshold: float | None = None  # the data decides: shallowest plan whose cka-dp cost <= threshold
     kept: dict[str, list[int]] | None = None  # explicit plan: kept ORIGINAL indices per stack
-    refine: int = 4  # measure the real damage of this many candidate plans, keep the least damaging (0 = off)
+    # measure every plan of the pool (the requested one, first-k, the best contiguous window, the loss plan,
+    # the similarity plans) and keep the lowest: auto (loss increase with demonstrations, else chunk damage),
+    # loss, damage or off
+    refine: str = "auto"
     protect: list[int] = field(default_factory=list)  # block indices never removed (in every stack)
     allow: list[str] = field(default_factory=list)  # family protections lifted knowingly, e.g. '[deepstack]'
     run_threshold: float | None = None  # cka-run: similarity that makes blocks twins
@@ -145,8 +148,8 @@ class PruneConfig:
             )
         if self.holdout_samples < 1:
             raise ValueError(f"--holdout_samples must be >= 1, got {self.holdout_samples}")
-        if self.plan.refine < 0:
-            raise ValueError(f"--plan.refine must be >= 0, got {self.plan.refine}")
+        if self.plan.refine not in ("auto", "off", "damage", "loss"):
+            raise ValueError(f"--plan.refine={self.plan.refine!r} is unknown; choose auto, off, damage or loss")
         self.cka.config()
 
 
@@ -162,7 +165,7 @@ class BenchConfig:
     dataset: DatasetArgs = field(default_factory=lambda: DatasetArgs(repo_id="synthetic"))
     calibration: CalibrationArgs = field(default_factory=lambda: CalibrationArgs(num_samples=8))
     cka: CKAArgs = field(default_factory=CKAArgs)
-    plan: PlanArgs = field(default_factory=lambda: PlanArgs(refine=0))  # used without --pruned.path
+    plan: PlanArgs = field(default_factory=lambda: PlanArgs(refine="off"))  # used without --pruned.path
     ratio: float | None = None  # shortcut for --plan.ratio
     batch_size: int = 1  # observations per action chunk
     train_batch_size: int = 2  # samples per training step (0 = no training step)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -23,15 +23,16 @@ from vlaprune.core.plan import (
     Budget,
     Plan,
     PlanProblem,
-    Score,
     StackProblem,
     candidate_plans,
+    distinct_plans,
     greedy_evaluations,
     greedy_removal,
     path_cost,
     plan_removal,
     validate_kept,
 )
+from vlaprune.core.verify import PlanLoss
 from vlaprune.families import family_for
 from vlaprune.io.analysis import StackAnalysis
 from vlaprune.pipelines.config import PlanArgs
@@ -152,12 +153,30 @@ def load_analysis(path: Path) -> dict[str, StackAnalysis]:
     return {name: StackAnalysis.from_json(name, s) for name, s in data["stacks"].items()}
 
 
-def choose_plan(
-    args: PlanArgs, problem: PlanProblem, damage: Callable[[Plan], float], loss: Callable[[], Score] | None = None
-) -> tuple[Plan, list[dict[str, Any]]]:
-    """The plan to apply, and every candidate considered (with its cost and measured damage).
+REFINE_SIGNALS = ("damage", "loss")  # what --plan.refine can pick by; "off" and "auto" besides
 
-    ``loss`` builds the training-loss meter of ``--plan.method=loss`` (called only for that method).
+
+def refine_signal(setting: str, labelled: bool) -> str | None:
+    """The signal ``--plan.refine`` picks by (None = off). ``auto``: the training-loss increase when the
+    calibration frames carry action labels (demonstrations), else the action-chunk damage."""
+    if setting == "off":
+        return None
+    if setting == "auto":
+        return LOSS if labelled else "damage"
+    if setting not in REFINE_SIGNALS:
+        raise ValueError(f"--plan.refine={setting!r} is unknown; choose auto, off, {', '.join(REFINE_SIGNALS)}")
+    return setting
+
+
+def choose_plan(
+    args: PlanArgs, problem: PlanProblem, damage: Callable[[Plan], float], loss: Callable[[], PlanLoss] | None = None
+) -> tuple[Plan, list[dict[str, Any]]]:
+    """The plan to apply, and every candidate considered (with its cost and measured signals).
+
+    ``loss`` builds the training-loss meter (called at most once); None when the calibration frames
+    carry no action labels. With ``--plan.refine`` on, the pool is the requested plan, the loss plan
+    (when ``loss`` is given) and :func:`candidate_plans`; each candidate's chunk damage and loss
+    increase are measured and recorded, and the refine signal picks the lowest.
     """
     if args.kept is not None:
         validate_kept(problem, args.kept)
@@ -166,30 +185,46 @@ def choose_plan(
         chosen = Plan(method="manual", kept=kept, cost=cost)
         return chosen, [{**chosen.to_json(), "damage": damage(chosen), "chosen": True}]
     budget = Budget(ratio=args.ratio, keep=args.keep, threshold=args.threshold)
-    if args.method == LOSS:
-        if loss is None:
-            raise ValueError(f"--plan.method={LOSS} measures plans on calibration frames: prune with it "
-                             "(vlaprune prune), then give the checkpoint (bench: --pruned.path)")
+    signal = refine_signal(args.refine, labelled=loss is not None)
+    if (args.method == LOSS or signal == LOSS) and loss is None:
+        flag = "--plan.method" if args.method == LOSS else "--plan.refine"
+        raise ValueError(f"{flag}={LOSS} measures plans by the training loss on calibration frames with action "
+                         "labels: prune with it on a LeRobotDataset (bench: give the checkpoint, --pruned.path)")
+    meter: list[PlanLoss] = []
+
+    def loss_of(kept: Mapping[str, tuple[int, ...]]) -> float:
+        assert loss is not None
+        if not meter:
+            meter.append(loss())
+        return meter[0](kept)
+
+    def loss_plan() -> Plan:
         if args.run_threshold is not None:
             raise ValueError(f"--plan.run_threshold is the cka-run rule; --plan.method={LOSS} takes a budget "
                              "(--plan.ratio, --plan.keep or --plan.threshold)")
         logger.info("%s planner: at most %d training-loss evaluations", LOSS, greedy_evaluations(problem, budget))
         start = time.perf_counter()
-        found = greedy_removal(problem, budget, loss())
-        requested = replace(found, details={**found.details, "seconds": time.perf_counter() - start})
-        logger.info("%s planner: %d evaluations in %.1f s", LOSS, found.details["evaluations"],
-                    requested.details["seconds"])
+        found = greedy_removal(problem, budget, loss_of)
+        seconds = time.perf_counter() - start
+        logger.info("%s planner: %d evaluations in %.1f s", LOSS, found.details["evaluations"], seconds)
+        return replace(found, details={**found.details, "seconds": seconds})
+
+    if args.method == LOSS:
+        requested = loss_plan()
     else:
         requested = plan_removal(problem, budget, args.method, seed=args.seed, run_threshold=args.run_threshold)
-    candidates = [requested]
-    if args.refine > 1:
-        for plan in candidate_plans(problem, budget, limit=args.refine, seed=args.seed):
-            if len(candidates) >= args.refine:
-                break
-            if all(dict(plan.kept) != dict(c.kept) for c in candidates):
-                candidates.append(plan)
-    if args.refine == 0:
+    if signal is None:
         return requested, [{**requested.to_json(), "damage": None, "chosen": True}]
-    scored = [(damage(plan), plan) for plan in candidates]
-    best = min(scored, key=lambda item: item[0])[1]
-    return best, [{**plan.to_json(), "damage": d, "chosen": plan is best} for d, plan in scored]
+    found = [loss_plan()] if loss is not None and args.method != LOSS else []
+    pool = distinct_plans([requested, *found, *candidate_plans(problem, budget)])
+    records = []
+    for plan in pool:
+        record = {**plan.to_json(), "damage": damage(plan)}
+        if loss is not None:
+            value = loss_of(plan.kept)
+            record["loss_increase"] = value - meter[0].full
+        records.append(record)
+    key = "loss_increase" if signal == LOSS else "damage"
+    best = min(range(len(pool)), key=lambda i: records[i][key])
+    logger.info("refine: %d candidates by %s; chose %s", len(pool), key.replace("_", " "), pool[best].method)
+    return pool[best], [{**r, "chosen": i == best, "signal": key} for i, r in enumerate(records)]

@@ -1,7 +1,7 @@
 """``vlaprune prune``: source policy + calibration data → a verified pruned LeRobot checkpoint.
 
-analyse (or reuse analysis.json) → plan under the family's rules and the budget → refine: measure the
-real damage of the cheapest candidate plans on held-out batches, keep the least damaging → surgery →
+analyse (or reuse analysis.json) → plan under the family's rules and the budget → refine: measure every
+plan of the pool on held-out frames (training-loss increase, action-chunk damage), keep the lowest → surgery →
 verify against the source with the removed blocks skipped → save (atomically) with the manifest.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from vlaprune.core.family import policy_type
 from vlaprune.core.flops import chunk_flops, parameter_counts
-from vlaprune.core.plan import Plan
+from vlaprune.core.plan import LOSS, Plan
 from vlaprune.core.surgery import remove_blocks
 from vlaprune.core.verify import PlanDamage, PlanLoss, verify_pruned
 from vlaprune.families import family_for
@@ -25,7 +25,14 @@ from vlaprune.io.outputs import prepare_output_dir
 from vlaprune.io.provenance import library_versions
 from vlaprune.models.loading import is_builtin, load_policy
 from vlaprune.pipelines.config import PruneConfig
-from vlaprune.pipelines.planning import build_problem, choose_plan, compute_stack_cka, load_analysis, settings_dict
+from vlaprune.pipelines.planning import (
+    build_problem,
+    choose_plan,
+    compute_stack_cka,
+    load_analysis,
+    refine_signal,
+    settings_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +80,15 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
             meter.append(PlanDamage(source, family, holdout))
         return meter[0](plan.kept)
 
-    def loss() -> PlanLoss:
-        if cfg.dataset.repo_id == SYNTHETIC:
-            raise ValueError("--plan.method=loss needs demonstrations: synthetic frames carry random actions; "
-                             "give a LeRobotDataset (--dataset.repo_id, --dataset.root) or use the label-free "
-                             "--plan.method=cka-dp")
-        return PlanLoss(source, family, holdout)
+    labelled = cfg.dataset.repo_id != SYNTHETIC  # demonstrations carry action labels; synthetic frames do not
+    if not labelled and LOSS in (cfg.plan.method, cfg.plan.refine):
+        flag = "--plan.method" if cfg.plan.method == LOSS else "--plan.refine"
+        raise ValueError(f"{flag}={LOSS} needs demonstrations: synthetic frames carry random actions; give a "
+                         "LeRobotDataset (--dataset.repo_id, --dataset.root) or use the label-free "
+                         "--plan.method=cka-dp with --plan.refine=damage")
 
-    plan, candidates = choose_plan(cfg.plan, problem, damage, loss)
+    plan, candidates = choose_plan(cfg.plan, problem, damage,
+                                   (lambda: PlanLoss(source, family, holdout)) if labelled else None)
     kept = {name: list(idx) for name, idx in plan.kept.items()}
 
     pruned = remove_blocks(source, family, kept)
@@ -109,7 +117,8 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
         calibration={**describe_calibration(cfg.dataset.repo_id, cfg.dataset.root, calib),
                      "holdout_samples": cfg.holdout_samples, "analysis": cfg.analysis},
         settings={**settings_dict(cka, capture), "budget": {"ratio": cfg.plan.ratio, "keep": cfg.plan.keep,
-                  "threshold": cfg.plan.threshold}, "refine": cfg.plan.refine, "protect": cfg.plan.protect,
+                  "threshold": cfg.plan.threshold}, "refine": cfg.plan.refine,
+                  "refine_signal": refine_signal(cfg.plan.refine, labelled), "protect": cfg.plan.protect,
                   "allow": cfg.plan.allow, "tolerance": cfg.tolerance},
         versions=library_versions(),
     )
