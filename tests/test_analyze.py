@@ -9,6 +9,7 @@ import pytest
 from vlaprune.cli import main
 from vlaprune.pipelines.analyze import run_analyze
 from vlaprune.pipelines.config import AnalyzeConfig, CalibrationArgs, CKAArgs, DatasetArgs, PolicyArgs
+from vlaprune.pipelines.planning import load_analysis
 
 from .conftest import TINY_SPECS
 from .lerobot_data import make_dataset
@@ -35,6 +36,7 @@ def test_cli_writes_analysis_and_heatmaps(tmp_path, spec, capsys):
         assert all(abs(cka[i][i] - 1) < 1e-9 for i in range(n))
         assert all(abs(cka[i][j] - cka[j][i]) < 1e-12 for i in range(n) for j in range(n))
         assert (out / f"cka_{name}.png").stat().st_size > 1000
+        assert len(stack["top_direction"]) == n and all(0 < v <= 1 for v in stack["top_direction"])
     assert data["calibration"]["synthetic"] is True
     assert data["settings"]["capture"]["timesteps"] == [0.9, 0.5, 0.1]
     assert data["versions"]["lerobot"] == "0.6.1"
@@ -49,6 +51,8 @@ def test_analysis_is_deterministic(tmp_path):
     assert a.stacks["expert"].cka == b.stacks["expert"].cka
     c = run_analyze(_cfg(tmp_path / "c", seed=1))
     assert c.stacks["vlm"].cka != a.stacks["vlm"].cka
+    stored = load_analysis(tmp_path / "a" / "analysis.json")  # what prune --analysis reads back
+    assert stored == a.stacks and stored["vlm"].top_direction == a.stacks["vlm"].top_direction is not None
 
 
 def test_existing_out_refused_unless_overwrite(tmp_path):

@@ -22,6 +22,7 @@ from vlaprune.core.cka import (
     linear_hsic,
     saturation_warning,
     select_examples,
+    top_direction_share,
 )
 
 F64 = torch.float64
@@ -545,12 +546,29 @@ def test_rms_tokens_are_what_the_next_norm_reads() -> None:
         _adjacent(CKAConfig(token_norm="rms"), states), abs=1e-12)
 
 
-def test_a_saturated_matrix_is_named_with_the_options_not_in_use() -> None:
+def test_a_saturated_matrix_is_named_with_the_remedies_not_in_use() -> None:
     cka = torch.eye(5, dtype=F64)
     for i in range(4):
         cka[i, i + 1] = cka[i + 1, i] = (0.9995, 0.9999, 0.95, 1.0)[i]
     text = saturation_warning("vlm", cka, CKAConfig(skip_tokens=1))
     assert text is not None and "3 of its 4 blocks" in text and "blocks [0, 1, 3]" in text
-    assert "--cka.feature_norm=standardize" in text and "skip_tokens" not in text
+    assert "--cka.token_norm=rms" in text and "--plan.method=loss" in text
+    assert "--cka.token_norm" not in saturation_warning("vlm", cka, CKAConfig(token_norm="rms"))
     cka[1, 2] = cka[2, 1] = 0.99  # two of four: half, not most
     assert saturation_warning("vlm", cka, CKAConfig()) is None
+    text = saturation_warning("vlm", cka, CKAConfig(), [0.95, 0.97, 0.2, 0.99, 0.93])  # 4 of 5 states dominated
+    assert text is not None and "in 4 of its 5 residual states one principal direction" in text
+    assert "states [0, 1, 3, 4]" in text and "blocks [" not in text
+    assert saturation_warning("vlm", cka, CKAConfig(), [0.95, 0.97, 0.2, 0.5, 0.3]) is None
+
+
+def test_the_top_direction_share_sees_a_massive_dimension() -> None:
+    states = _states(batch=2, tokens=16)
+    plain = top_direction_share(states)
+    heavy = top_direction_share(_massive(states))
+    assert len(plain) == len(states) and all(0 < v < 0.5 for v in plain)
+    assert all(v > 0.9 for v in heavy)
+    x = states[0].reshape(-1, states[0].shape[-1]).to(F64)
+    x = x - x.mean(dim=0)
+    eig = torch.linalg.eigvalsh(x.T @ x)  # the share is the covariance's top eigenvalue over its trace
+    assert plain[0] == pytest.approx(float(eig[-1] / eig.sum()), rel=1e-9)

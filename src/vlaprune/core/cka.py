@@ -376,20 +376,51 @@ def saturated_blocks(cka: Tensor, threshold: float = 0.999) -> list[int]:
     return [i for i in range(cka.shape[0] - 1) if float(cka[i, i + 1]) >= threshold]
 
 
-def saturation_warning(stack: str, cka: Tensor, config: CKAConfig, threshold: float = 0.999) -> str | None:
-    """A warning when most blocks of ``stack`` look like the identity to this CKA (``cka[i, i + 1] >=
-    threshold``): then the matrix cannot rank them. Massive activations are the usual cause; the text
-    names the options that look past them, those of ``config`` not in use yet."""
+def top_direction_share(states: Sequence[Tensor], mask: Tensor | None = None, *, max_tokens: int = 512,
+                        generator: torch.Generator | None = None) -> list[float]:
+    """Per state, the share of the token variance (centred) along its first principal direction, over
+    up to ``max_tokens`` real tokens of the batch (the same tokens for every state). Near 1, one
+    direction, usually a few massive activations, carries the state; linear CKA then compares little
+    else, and every block looks like the identity."""
+    shares = []
+    for x in select_examples(states, mask, "tokens", max_tokens=max_tokens, generator=generator):
+        x = x.to(torch.float64)
+        power = torch.linalg.svdvals(x - x.mean(dim=0)).square()
+        total = float(power.sum())
+        shares.append(float(power[0]) / total if total > 0 else float("nan"))
+    return shares
+
+
+# What the warning proposes, from the measurements on real pretrained layers (README, "Similarity on
+# real pretrained layers"): rms was the CKA setting whose plan costs ranked real damage best; plans
+# by measurement (the training loss) do not rely on the similarity at all.
+_REMEDY_CKA = "--cka.token_norm=rms"
+_REMEDY_PLAN = "--plan.method=loss (or --plan.refine=loss, the default with a dataset)"
+
+
+def saturation_warning(stack: str, cka: Tensor, config: CKAConfig, top_direction: Sequence[float] | None = None, *,
+                       threshold: float = 0.999, dominance: float = 0.9) -> str | None:
+    """A warning when the matrix of ``stack`` cannot rank its blocks: most blocks look like the identity
+    (``cka[i, i + 1] >= threshold``), or in most states one principal direction carries at least
+    ``dominance`` of the variance (:func:`top_direction_share`). Massive activations are the usual
+    cause; the text names the remedies (the rms setting when not in use, and planning by the loss)."""
     saturated = saturated_blocks(cka, threshold)
     blocks = cka.shape[0] - 1
-    if blocks < 2 or len(saturated) * 2 <= blocks:
+    dominated = [i for i, share in enumerate(top_direction or ()) if share >= dominance]
+    states = len(top_direction or ())
+    findings = []
+    if blocks >= 2 and len(saturated) * 2 > blocks:
+        findings.append(f"CKA between the input and output of {len(saturated)} of its {blocks} blocks is >= "
+                        f"{threshold} (blocks {saturated})")
+    if states >= 2 and len(dominated) * 2 > states:
+        findings.append(f"in {len(dominated)} of its {states} residual states one principal direction carries "
+                        f">= {dominance:.0%} of the variance (states {dominated})")
+    if not findings:
         return None
-    remedies = [flag for flag, unused in (("--cka.feature_norm=standardize", config.feature_norm == "none"),
-                                          ("--cka.skip_tokens=1", config.skip_tokens == 0)) if unused]
-    hint = f"; try {' and '.join(remedies)}" if remedies else ""
-    return (f"stack {stack}: CKA between the input and output of {len(saturated)} of its {blocks} blocks is >= "
-            f"{threshold} (blocks {saturated}), so it cannot rank them; massive activations (a few hidden "
-            f"dimensions or sink tokens far larger than the rest) usually cause this{hint}")
+    remedies = ([_REMEDY_CKA] if config.token_norm == "none" else []) + [_REMEDY_PLAN]
+    return (f"stack {stack}: {' and '.join(findings)}, so its CKA cannot rank the blocks; massive activations "
+            f"(a few hidden dimensions or sink tokens far larger than the rest) usually cause this. Try "
+            f"{' or '.join(remedies)}")
 
 
 # ---------------------------------------------------------------------------------------- streaming

@@ -19,6 +19,8 @@ class StackAnalysis:
     cosine: tuple[tuple[float, ...], ...]  # mean token-wise cosine between the same states
     num_updates: int
     num_examples: int
+    # per state, the share of variance on the first principal direction (first calibration batch)
+    top_direction: tuple[float, ...] | None = None
 
     @classmethod
     def from_json(cls, name: str, data: dict[str, Any]) -> StackAnalysis:
@@ -30,6 +32,7 @@ class StackAnalysis:
             cosine=tuple(tuple(row) for row in data["cosine"]),
             num_updates=data["num_updates"],
             num_examples=data["num_examples"],
+            top_direction=tuple(data["top_direction"]) if data.get("top_direction") is not None else None,
         )
 
     def adjacent(self) -> list[tuple[int, float]]:
@@ -60,6 +63,7 @@ class Analysis:
                     "adjacent": [{"block": i, "cka": v} for i, v in s.adjacent()],
                     "num_updates": s.num_updates,
                     "num_examples": s.num_examples,
+                    "top_direction": None if s.top_direction is None else list(s.top_direction),
                 }
                 for name, s in self.stacks.items()
             },

@@ -39,7 +39,7 @@ def analyze_policy(
     start = time.perf_counter()
     stacks = compute_stack_cka(policy, batches, family=family, cka=cka, capture=capture, on_batch=on_batch)
     for name, stack in stacks.items():
-        warning = saturation_warning(name, torch.tensor(stack.cka), cka)
+        warning = saturation_warning(name, torch.tensor(stack.cka), cka, stack.top_direction)
         if warning:
             logger.warning(warning)
     return Analysis(

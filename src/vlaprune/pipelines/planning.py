@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vlaprune.core.capture import CaptureConfig, collect_residuals
-from vlaprune.core.cka import CKAConfig, StreamingCKA, StreamingCosine
+from vlaprune.core.cka import CKAConfig, StreamingCKA, StreamingCosine, top_direction_share
 from vlaprune.core.family import Family
 from vlaprune.core.plan import (
     LOSS,
@@ -67,6 +67,7 @@ def compute_stack_cka(
     depths = family.depths(policy)
     accumulators = {name: StreamingCKA(depth + 1, cka) for name, depth in depths.items()}
     cosines = {name: StreamingCosine(depth + 1) for name, depth in depths.items()}
+    spectra: dict[str, list[float]] = {}  # top-direction share per state, from each stack's first update
     policy.eval()
     for index, batch in enumerate(batches):
         if index % world == rank:
@@ -74,6 +75,9 @@ def compute_stack_cka(
             for recorded in collect_residuals(policy, family, batch, config=capture, generator=generator):
                 accumulators[recorded.stack].update(recorded.states, recorded.mask)
                 cosines[recorded.stack].update(recorded.states, recorded.mask)
+                if recorded.stack not in spectra:
+                    spectra[recorded.stack] = top_direction_share(recorded.states, recorded.mask,
+                                                                  generator=torch.Generator().manual_seed(cka.seed))
                 del recorded
         if on_batch is not None:
             on_batch(1)
@@ -91,6 +95,7 @@ def compute_stack_cka(
             cosine=_as_tuples(cosines[name].compute()),
             num_updates=acc.num_updates,
             num_examples=acc.num_examples,
+            top_direction=tuple(spectra[name]) if name in spectra else None,
         )
     return results
 

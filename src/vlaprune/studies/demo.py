@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
     with _stage("1/5 analyze: calibration pass, CKA per stack", seconds):
         run_analyze(AnalyzeConfig(policy=policy, dataset=data, out=str(out / "analysis")))
-    with _stage(f"2/5 prune: cka-dp, {args.ratio:.0%} of each stack", seconds):
+    with _stage(f"2/5 prune: the default plan, {args.ratio:.0%} of each stack", seconds):
         pruned = run_prune(PruneConfig(policy=policy, dataset=data, ratio=args.ratio,
                                        analysis=str(out / "analysis" / "analysis.json"), out=str(out / "pruned")))
     with _stage("3/5 bench: full vs pruned, alternated", seconds):
