@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--resume_from", type=Path, default=None,
                         help="a directory with a study's settings.json and records.jsonl (e.g. a committed copy): "
                              "its finished units seed an --out that has none; the settings must match")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite results.json, table.md and the plot from the units recorded in --out")
     parser.add_argument("--quick", action="store_true",
                         help="regression check: seed 0, ratio 0.5, 150 steps, 5 episodes per task")
     args = parser.parse_args()
@@ -108,7 +110,13 @@ def main() -> None:
         args.data_root = model.calibration_root
     if args.quick:
         args.seeds, args.ratios, args.steps, args.eval_episodes, args.timing_rounds = [0], [0.5], 150, 5, 5
-    Study(args).run()
+    study = Study(args)
+    if args.report:
+        study.check_settings()
+        records = study.records()
+        write_results(study.out, args, records, study.reported(records))
+    else:
+        study.run()
 
 
 def _setting(value: Any) -> str:

