@@ -127,7 +127,8 @@ def test_cli_prune_and_overwrite(tmp_path, capsys):
             "--calibration.num_samples=4", "--holdout_samples=2"]
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert "keep  4/8" in text and "predicted time ratio" in text
+    assert "keep  4/8" in text and "predicted time ratio" in text and "(refined by damage)" in text
+    assert "(also " in text  # tiny:smolvla's cka-dp plan is first-k's too
     assert main(args) == 1 and "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite=true"]) == 0
     assert main(["prune", "--policy.path=tiny:smolvla", "--dataset.repo_id=synthetic", f"--out={out}2"]) == 1

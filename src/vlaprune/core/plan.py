@@ -640,5 +640,6 @@ def distinct_plans(plans: Sequence[Plan]) -> list[Plan]:
             for method in (plan.method, *plan.details.get("also", [])):
                 if method != first.method and method not in also:
                     also.append(method)
-            out[same] = replace(first, details={**first.details, "also": also})
+            if also:
+                out[same] = replace(first, details={**first.details, "also": also})
     return out

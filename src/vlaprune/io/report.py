@@ -91,7 +91,9 @@ def prune_summary(manifest: Manifest) -> str:
         mark = "  <- chosen" if cand.get("chosen") else ""
         seed = cand.get("details", {}).get("seed")
         label = cand["method"] if seed is None else f"{cand['method']} s{seed}"
-        lines.append(f"  {label:<10}{cand['cost']:>12.4f}{damage:>10}{loss:>12}{mark}")
+        also = cand.get("details", {}).get("also")
+        same = f"  (also {', '.join(also)})" if also else ""
+        lines.append(f"  {label:<10}{cand['cost']:>12.4f}{damage:>10}{loss:>12}{mark}{same}")
     params, flops = manifest.parameters, manifest.chunk_linear_flops
     lines.append(
         f"parameters {params['source']['total'] / 1e6:.2f}M → {params['pruned']['total'] / 1e6:.2f}M; "
