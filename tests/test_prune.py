@@ -209,3 +209,23 @@ def test_a_plan_that_removes_nothing_says_so(tmp_path, caplog, capsys):
     assert main(["prune", "--policy.path=tiny:smolvla", "--dataset.repo_id=synthetic", "--ratio=0",
                  "--calibration.num_samples=2", "--holdout_samples=1", f"--out={tmp_path}/cli"]) == 0
     assert "no block was removed: this checkpoint computes exactly what its source computes" in capsys.readouterr().out
+
+
+def test_a_plan_on_a_degenerate_matrix_is_never_silent(tmp_path, caplog):
+    from vlaprune.pipelines.analyze import run_analyze
+    from vlaprune.pipelines.config import AnalyzeConfig
+
+    run_analyze(AnalyzeConfig(policy=PolicyArgs(path="tiny:pi0"), dataset=DatasetArgs(repo_id="synthetic"),
+                              calibration=CalibrationArgs(num_samples=4, batch_size=2), out=str(tmp_path / "a")))
+    path = tmp_path / "a" / "analysis.json"
+    data = json.loads(path.read_text())
+    n = data["stacks"]["vlm"]["num_layers"] + 1
+    data["stacks"]["vlm"]["cka"] = [[1.0 if i == j else 0.9995 for j in range(n)] for i in range(n)]  # saturated
+    path.write_text(json.dumps(data))
+    cfg = _cfg(tmp_path / "p", "tiny:pi0", refine="off")
+    cfg.analysis = str(path)
+    with caplog.at_level("WARNING"):
+        run_prune(cfg)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("stack vlm: CKA between the input and output of 8 of its 8 blocks") for m in warned)
+    assert not any(m.startswith("stack expert") for m in warned)

@@ -8,11 +8,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from vlaprune.core.capture import CaptureConfig
-from vlaprune.core.cka import CKAConfig, saturation_warning
+from vlaprune.core.cka import CKAConfig
 from vlaprune.families import family_for
 from vlaprune.io.analysis import Analysis
 from vlaprune.io.calibration import calibration_batches, describe_calibration
@@ -20,7 +19,7 @@ from vlaprune.io.outputs import prepare_output_dir, write_atomically
 from vlaprune.io.report import write_analysis
 from vlaprune.models.loading import is_builtin, load_policy
 from vlaprune.pipelines.config import AnalyzeConfig
-from vlaprune.pipelines.planning import compute_stack_cka, rank_and_world, settings_dict
+from vlaprune.pipelines.planning import compute_stack_cka, rank_and_world, settings_dict, warn_degenerate
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +37,7 @@ def analyze_policy(
     family = family_for(policy)
     start = time.perf_counter()
     stacks = compute_stack_cka(policy, batches, family=family, cka=cka, capture=capture, on_batch=on_batch)
-    for name, stack in stacks.items():
-        warning = saturation_warning(name, torch.tensor(stack.cka), cka, stack.top_direction)
-        if warning:
-            logger.warning(warning)
+    warn_degenerate(stacks, cka)
     return Analysis(
         policy=spec,
         family=family.name,

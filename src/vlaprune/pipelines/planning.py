@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vlaprune.core.capture import CaptureConfig, collect_residuals
-from vlaprune.core.cka import CKAConfig, StreamingCKA, StreamingCosine, top_direction_share
+from vlaprune.core.cka import CKAConfig, StreamingCKA, StreamingCosine, saturation_warning, top_direction_share
 from vlaprune.core.family import Family
 from vlaprune.core.plan import (
     LOSS,
@@ -150,6 +150,18 @@ def build_problem(family: Family, policy: Any, stacks: dict[str, StackAnalysis],
         ),
         lockstep=family.lockstep,
     )
+
+
+def warn_degenerate(stacks: dict[str, StackAnalysis], cka: CKAConfig) -> list[str]:
+    """Log (and return) a warning per stack whose matrix cannot rank its blocks
+    (:func:`vlaprune.core.cka.saturation_warning`): a plan is never made silently on one."""
+    warnings = []
+    for name, stack in stacks.items():
+        warning = saturation_warning(name, torch.tensor(stack.cka), cka, stack.top_direction)
+        if warning:
+            logger.warning(warning)
+            warnings.append(warning)
+    return warnings
 
 
 def load_analysis(path: Path) -> dict[str, StackAnalysis]:

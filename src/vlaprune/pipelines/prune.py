@@ -32,6 +32,7 @@ from vlaprune.pipelines.planning import (
     load_analysis,
     refine_signal,
     settings_dict,
+    warn_degenerate,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
     else:
         stacks = compute_stack_cka(source, batches(calib), family=family, cka=cka, capture=capture,
                                    on_batch=on_batch)
+    if cfg.plan.kept is None:
+        warn_degenerate(stacks, cka)
     problem = build_problem(family, source, stacks, cfg.plan.protect, cfg.plan.allow)
     meter: list[PlanDamage] = []  # built on first use: the full source's chunks are computed once
 
