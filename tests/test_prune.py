@@ -229,3 +229,17 @@ def test_a_plan_on_a_degenerate_matrix_is_never_silent(tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(m.startswith("stack vlm: CKA between the input and output of 8 of its 8 blocks") for m in warned)
     assert not any(m.startswith("stack expert") for m in warned)
+
+
+def test_cka_runs_threshold_decides_the_depth_and_the_pool_meets_it(tmp_path):
+    result = run_prune(_cfg(tmp_path / "p", "tiny:pi0", method="cka-run", ratio=None, run_threshold=0.9))
+    candidates = result.manifest.candidates
+    requested = candidates[0]
+    assert requested["method"] == "cka-run" and requested["details"]["run_threshold"]["vlm/expert"] == 0.9
+    depth = len(requested["kept"]["vlm"])
+    assert all(len(c["kept"]["vlm"]) == depth for c in candidates) and len(candidates) >= 2
+    assert len(result.manifest.kept()["vlm"]) == depth
+    with pytest.raises(ValueError, match=r"--plan.run_threshold is the cka-run rule; with --plan.method=cka-dp"):
+        run_prune(_cfg(tmp_path / "q", "tiny:pi0", ratio=None, run_threshold=0.9))
+    with pytest.raises(ValueError, match=r"exactly one budget.*got \['ratio', 'run_threshold'\]"):
+        run_prune(_cfg(tmp_path / "q", "tiny:pi0", method="cka-run", run_threshold=0.9))

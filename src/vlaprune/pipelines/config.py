@@ -110,8 +110,9 @@ class PlanArgs:
     seed: int = 0
 
     def budgets(self) -> list[str]:
-        """The budget flags given (exactly one is needed to plan)."""
-        return [name for name in ("ratio", "keep", "threshold", "kept") if getattr(self, name) is not None]
+        """The budget flags given (exactly one is needed to plan; ``run_threshold`` is cka-run's own)."""
+        return [name for name in ("ratio", "keep", "threshold", "kept", "run_threshold")
+                if getattr(self, name) is not None]
 
     def take_ratio(self, ratio: float | None) -> None:
         """Apply the top-level ``--ratio`` shortcut."""
@@ -143,9 +144,12 @@ class PruneConfig:
         if len(budgets) != 1:
             raise ValueError(
                 "give exactly one budget: --ratio (fraction of blocks removed, e.g. 0.5), --plan.keep "
-                f"(blocks kept per stack), --plan.threshold (max cka-dp cost) or --plan.kept (explicit plan); "
-                f"got {budgets or 'none'}"
+                f"(blocks kept per stack), --plan.threshold (max cka-dp cost), --plan.kept (explicit plan) or "
+                f"--plan.run_threshold (with --plan.method=cka-run: its rule decides); got {budgets or 'none'}"
             )
+        if self.plan.run_threshold is not None and self.plan.method != "cka-run":
+            raise ValueError(f"--plan.run_threshold is the cka-run rule; with --plan.method={self.plan.method} "
+                             "give --ratio, --plan.keep or --plan.threshold instead")
         if self.holdout_samples < 1:
             raise ValueError(f"--holdout_samples must be >= 1, got {self.holdout_samples}")
         if self.plan.refine not in ("auto", "off", "damage", "loss"):

@@ -201,7 +201,9 @@ def choose_plan(
         cost = sum(path_cost(s.cka, kept[s.name]) for s in problem.stacks)
         chosen = Plan(method="manual", kept=kept, cost=cost)
         return chosen, [{**chosen.to_json(), "damage": damage(chosen), "chosen": True}]
-    budget = Budget(ratio=args.ratio, keep=args.keep, threshold=args.threshold)
+    # cka-run's --plan.run_threshold decides the depth itself; the pool then meets the depth it chose
+    budget = None if args.run_threshold is not None else Budget(ratio=args.ratio, keep=args.keep,
+                                                                threshold=args.threshold)
     signal = refine_signal(args.refine, labelled=loss is not None)
     if (args.method == LOSS or signal == LOSS) and loss is None:
         flag = "--plan.method" if args.method == LOSS else "--plan.refine"
@@ -215,10 +217,7 @@ def choose_plan(
             meter.append(loss())
         return meter[0](kept)
 
-    def loss_plan() -> Plan:
-        if args.run_threshold is not None:
-            raise ValueError(f"--plan.run_threshold is the cka-run rule; --plan.method={LOSS} takes a budget "
-                             "(--plan.ratio, --plan.keep or --plan.threshold)")
+    def loss_plan(budget: Budget) -> Plan:
         logger.info("%s planner: at most %d training-loss evaluations", LOSS, greedy_evaluations(problem, budget))
         start = time.perf_counter()
         found = greedy_removal(problem, budget, loss_of)
@@ -227,13 +226,17 @@ def choose_plan(
         return replace(found, details={**found.details, "seconds": seconds})
 
     if args.method == LOSS:
-        requested = loss_plan()
+        if budget is None:
+            raise ValueError(f"--plan.run_threshold is the cka-run rule; --plan.method={LOSS} takes a budget "
+                             "(--plan.ratio, --plan.keep or --plan.threshold)")
+        requested = loss_plan(budget)
     else:
         requested = plan_removal(problem, budget, args.method, seed=args.seed, run_threshold=args.run_threshold)
     if signal is None:
         return requested, [{**requested.to_json(), "damage": None, "chosen": True}]
-    found = [loss_plan()] if loss is not None and args.method != LOSS else []
-    pool = distinct_plans([requested, *found, *candidate_plans(problem, budget)])
+    depth = budget or Budget(keep={name: len(idx) for name, idx in requested.kept.items()})
+    found = [loss_plan(depth)] if loss is not None and args.method != LOSS else []
+    pool = distinct_plans([requested, *found, *candidate_plans(problem, depth)])
     records = []
     for plan in pool:
         record = {**plan.to_json(), "damage": damage(plan)}
