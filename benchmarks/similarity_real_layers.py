@@ -95,6 +95,16 @@ class Testbed(Protocol):
     def kept(self, kept: Sequence[int]) -> Any: ...  # a context manager running only the kept blocks
 
 
+def _text_batches(tokenizer: Any, text: list[str], size: int = 16) -> list[Batch]:
+    """Padded batches of ``size`` sentences, the mask marking real tokens."""
+    out = []
+    for i in range(0, len(text), size):
+        enc = tokenizer(text[i : i + size], return_tensors="pt", padding=True)
+        out.append(Batch({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+                         enc["attention_mask"].bool()))
+    return out
+
+
 class SmolLM2:
     name = "smollm2"
 
@@ -108,18 +118,11 @@ class SmolLM2:
         self.blocks = self.model.model.layers
         self.num_blocks = len(self.blocks)
         text = make_sentences(calib + heldout, seed)
-        self.calib, self.heldout = self._batches(text[:calib]), self._batches(text[calib:])
+        self.calib = _text_batches(self.tokenizer, text[:calib])
+        self.heldout = _text_batches(self.tokenizer, text[calib:])
         self.info = {"package": smollm2.PACKAGE, "version": smollm2.VERSION, "blocks": self.num_blocks,
                      "inputs": "seeded robot instructions and prose", "example": text[0],
                      "damage": "mean KL(full || pruned) of next-token distributions, nats per token"}
-
-    def _batches(self, text: list[str], size: int = 16) -> list[Batch]:
-        out = []
-        for i in range(0, len(text), size):
-            enc = self.tokenizer(text[i : i + size], return_tensors="pt", padding=True)
-            out.append(Batch({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
-                             enc["attention_mask"].bool()))
-        return out
 
     def forward(self, batch: Batch) -> Tensor:
         return self.model(**batch.inputs, use_cache=False).logits.float()
@@ -184,17 +187,10 @@ class MiniLM:
         self.blocks = self.model.encoder.layer
         self.num_blocks = len(self.blocks)
         text = make_sentences(calib + heldout, seed)
-        self.calib, self.heldout = self._batches(text[:calib]), self._batches(text[calib:])
+        self.calib = _text_batches(self.tokenizer, text[:calib])
+        self.heldout = _text_batches(self.tokenizer, text[calib:])
         self.info = {**info, "blocks": self.num_blocks, "inputs": "seeded robot instructions and prose",
                      "damage": "1 - mean cosine of the mean-pooled sentence embeddings (the model's pooling)"}
-
-    def _batches(self, text: list[str], size: int = 16) -> list[Batch]:
-        out = []
-        for i in range(0, len(text), size):
-            enc = self.tokenizer(text[i : i + size], return_tensors="pt", padding=True)
-            out.append(Batch({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
-                             enc["attention_mask"].bool()))
-        return out
 
     def forward(self, batch: Batch) -> Tensor:
         hidden = self.model(**batch.inputs).last_hidden_state
