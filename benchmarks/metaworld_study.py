@@ -113,8 +113,7 @@ def main() -> None:
     study = Study(args)
     if args.report:
         study.check_settings()
-        records = study.records()
-        write_results(study.out, args, records, study.reported(records))
+        study.write(study.records())
     else:
         study.run()
 
@@ -290,8 +289,11 @@ class Study:
                 record["evaluation"] = self.evaluate(final, seed)
             self.save_record(record)
             records[key] = record
-            write_results(self.out, a, records, self.reported(records))  # the table so far, after every unit
-        write_results(self.out, a, records, self.reported(records))
+            self.write(records)  # the table so far, after every unit
+        self.write(records)
+
+    def write(self, records: dict[str, dict[str, Any]]) -> None:
+        write_results(self.out, self.args, records, self.reported(records))
 
     def reported(self, records: dict[str, dict[str, Any]]) -> list[tuple[str, float | None]]:
         """The variants the table shows: this run's, then any other recorded in ``--out`` (a study grows by

@@ -93,6 +93,9 @@ def _require_inputs(policy: PolicyArgs, dataset: DatasetArgs, out: str | None, w
         raise ValueError(f"--out is required: the directory that receives {what}")
 
 
+REFINE = ("auto", "off", "damage", "loss")  # --plan.refine: how the pool is measured (planning.refine_signal)
+
+
 @dataclass
 class PlanArgs:
     method: str = "cka-dp"  # cka-dp | cka-run | bi | angular | first-k | random | loss (greedy, measured)
@@ -152,8 +155,9 @@ class PruneConfig:
                              "give --ratio, --plan.keep or --plan.threshold instead")
         if self.holdout_samples < 1:
             raise ValueError(f"--holdout_samples must be >= 1, got {self.holdout_samples}")
-        if self.plan.refine not in ("auto", "off", "damage", "loss"):
-            raise ValueError(f"--plan.refine={self.plan.refine!r} is unknown; choose auto, off, damage or loss")
+        if self.plan.refine not in REFINE:
+            raise ValueError(f"--plan.refine={self.plan.refine!r} is unknown; choose {', '.join(REFINE[:-1])} or "
+                             f"{REFINE[-1]}")
         self.cka.config()
 
 

@@ -35,7 +35,7 @@ from vlaprune.core.plan import (
 from vlaprune.core.verify import PlanLoss
 from vlaprune.families import family_for
 from vlaprune.io.analysis import StackAnalysis
-from vlaprune.pipelines.config import PlanArgs
+from vlaprune.pipelines.config import REFINE, PlanArgs
 
 logger = logging.getLogger(__name__)
 
@@ -170,18 +170,15 @@ def load_analysis(path: Path) -> dict[str, StackAnalysis]:
     return {name: StackAnalysis.from_json(name, s) for name, s in data["stacks"].items()}
 
 
-REFINE_SIGNALS = ("damage", "loss")  # what --plan.refine can pick by; "off" and "auto" besides
-
-
 def refine_signal(setting: str, labelled: bool) -> str | None:
     """The signal ``--plan.refine`` picks by (None = off). ``auto``: the training-loss increase when the
     calibration frames carry action labels (demonstrations), else the action-chunk damage."""
+    if setting not in REFINE:
+        raise ValueError(f"--plan.refine={setting!r} is unknown; choose one of {', '.join(REFINE)}")
     if setting == "off":
         return None
     if setting == "auto":
         return LOSS if labelled else "damage"
-    if setting not in REFINE_SIGNALS:
-        raise ValueError(f"--plan.refine={setting!r} is unknown; choose auto, off, {', '.join(REFINE_SIGNALS)}")
     return setting
 
 
@@ -207,8 +204,10 @@ def choose_plan(
     signal = refine_signal(args.refine, labelled=loss is not None)
     if (args.method == LOSS or signal == LOSS) and loss is None:
         flag = "--plan.method" if args.method == LOSS else "--plan.refine"
-        raise ValueError(f"{flag}={LOSS} measures plans by the training loss on calibration frames with action "
-                         "labels: prune with it on a LeRobotDataset (bench: give the checkpoint, --pruned.path)")
+        raise ValueError(f"{flag}={LOSS} needs demonstrations: it measures the training loss on calibration frames "
+                         "with action labels, and synthetic frames carry random actions. Prune on a LeRobotDataset "
+                         "(--dataset.repo_id, --dataset.root; bench: give the pruned checkpoint, --pruned.path) or "
+                         "use the label-free --plan.method=cka-dp with --plan.refine=damage")
     meter: list[PlanLoss] = []
 
     def loss_of(kept: Mapping[str, tuple[int, ...]]) -> float:

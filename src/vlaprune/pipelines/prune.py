@@ -15,7 +15,7 @@ from typing import Any
 
 from vlaprune.core.family import policy_type
 from vlaprune.core.flops import chunk_flops, parameter_counts
-from vlaprune.core.plan import LOSS, Plan
+from vlaprune.core.plan import Plan
 from vlaprune.core.surgery import remove_blocks
 from vlaprune.core.verify import PlanDamage, PlanLoss, verify_pruned
 from vlaprune.families import family_for
@@ -84,12 +84,6 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
         return meter[0](plan.kept)
 
     labelled = cfg.dataset.repo_id != SYNTHETIC  # demonstrations carry action labels; synthetic frames do not
-    if not labelled and LOSS in (cfg.plan.method, cfg.plan.refine):
-        flag = "--plan.method" if cfg.plan.method == LOSS else "--plan.refine"
-        raise ValueError(f"{flag}={LOSS} needs demonstrations: synthetic frames carry random actions; give a "
-                         "LeRobotDataset (--dataset.repo_id, --dataset.root) or use the label-free "
-                         "--plan.method=cka-dp with --plan.refine=damage")
-
     plan, candidates = choose_plan(cfg.plan, problem, damage,
                                    (lambda: PlanLoss(source, family, holdout)) if labelled else None)
     kept = {name: list(idx) for name, idx in plan.kept.items()}
