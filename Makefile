@@ -32,7 +32,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks plugins
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q  # pyproject deselects slow and gpu tests
+	$(PY) -m pytest -q -n auto  # a worker per core; pyproject deselects slow and gpu tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks plugins

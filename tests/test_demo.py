@@ -18,7 +18,7 @@ def test_demo_runs_the_whole_job_on_the_shipped_model(spec, depth, tmp_path, cap
     out = tmp_path / "demo"
     (tmp_path / "demo.partial").mkdir()  # left by an interrupted run: replaced
     assert demo.main(["--policy", spec, "--out", str(out), "--steps", "2", "--batch_size", "4", "--episodes", "1",
-                      "--max_steps", "15"]) == 0
+                      "--max_steps", "15", "--num_workers", "0"]) == 0
     assert not (tmp_path / "demo.partial").exists()
     results = json.loads((out / "results.json").read_text())
     assert results["policy"] == spec and results["lr"] == shipped.get(spec).demo.lr

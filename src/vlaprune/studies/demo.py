@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_steps", type=int, default=200, help="environment steps before an episode fails")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--num_workers", type=int, default=1,
+                        help="lerobot-train's data-loading workers; 0 loads in the training process (a worker takes "
+                             "about 15 s to start, worth it only over many steps)")
     args = parser.parse_args(argv)
     recipe = shipped.get(args.policy).demo
     for name, field in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("episodes", "eval_episodes")):
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         for name, checkpoint in (("full", shipped.policy_dir(model.spec)), ("pruned", out / "pruned")):
             runs[name] = lerobot_train(checkpoint, repo_id=data.repo_id or "", root=model.calibration_root,
                                        out=out / "finetune" / name, steps=args.steps, batch_size=args.batch_size,
-                                       seed=args.seed, device=args.device, lr=args.lr)
+                                       seed=args.seed, device=args.device, lr=args.lr,
+                                       num_workers=args.num_workers)
     evaluations = {}
     with _stage(f"5/5 closed-loop success: {args.episodes} episodes per held-out task, each policy", seconds):
         for name, run_ in runs.items():
