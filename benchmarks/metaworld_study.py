@@ -272,7 +272,8 @@ class Study:
             start = self.pruned(method, ratio, seed)
             if method != FULL:
                 manifest = json.loads((start / "prune_manifest.json").read_text())
-                record["kept"] = {n: s["kept_original"] for n, s in manifest["stacks"].items()}
+                planned = manifest["settings"].get("stacks", list(manifest["stacks"]))  # not the opt-in vision stack
+                record["kept"] = {n: s["kept_original"] for n, s in manifest["stacks"].items() if n in planned}
                 record["planned_by"] = manifest["method"]
                 check_same_plan(records, record, start)
             twin = same_unit(records, record)

@@ -20,7 +20,7 @@ def flow_inputs(policy, batch):
     from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 
     lang = (batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK])
-    if policy.config.type == "smolvla":
+    if policy.config.type.startswith("smolvla"):
         images, masks = policy.prepare_images(batch)
         return (images, masks, *lang, policy.prepare_state(batch))
     images, masks = policy._preprocess_images(batch)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from vlaprune.cli import main
+from vlaprune.families import family_for
 from vlaprune.pipelines.analyze import run_analyze
 from vlaprune.pipelines.config import AnalyzeConfig, CalibrationArgs, CKAArgs, DatasetArgs, PolicyArgs
 from vlaprune.pipelines.planning import load_analysis
@@ -28,7 +29,7 @@ def test_cli_writes_analysis_and_heatmaps(tmp_path, spec, capsys):
                  "--calibration.num_samples=4", "--calibration.batch_size=4"])
     assert code == 0
     data = json.loads((out / "analysis.json").read_text())
-    assert set(data["stacks"]) == {"vlm", "expert"}
+    assert set(data["stacks"]) == {stack.name for stack in family_for(spec.split(":")[1]).stacks}
     for name, stack in data["stacks"].items():
         n = stack["num_layers"] + 1
         cka = stack["cka"]

@@ -84,7 +84,7 @@ def test_bench_everything_trainable():
         assert params["trainable"] == params["total"]
     assert result["trainable_set"] == "all"
     parts = result["full"]["chunk_linear_flops_by_part"]
-    assert set(parts) == {"vlm", "expert", "other"} and all(v > 0 for v in parts.values())
+    assert set(parts) == {"vision", "vlm", "expert", "other"} and all(v > 0 for v in parts.values())
     assert result["pruned"]["chunk_linear_flops_by_part"]["other"] == parts["other"]  # only stacks shrink
 
 

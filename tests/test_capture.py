@@ -22,13 +22,41 @@ def test_capture_shapes_and_phases(tiny, spec):
     cfg = CaptureConfig(timesteps=(0.8, 0.3))
     gen = torch.Generator().manual_seed(0)
     seen = list(collect_residuals(bundle.policy, family, _batch(bundle), config=cfg, generator=gen))
-    assert [(s.stack, s.timestep) for s in seen] == [("vlm", None), ("expert", 0.8), ("expert", 0.3)]
+    prefix = [(name, None) for name in family.prefix_stacks]
+    assert [(s.stack, s.timestep) for s in seen] == [*prefix, ("expert", 0.8), ("expert", 0.3)]
+    cameras = len(bundle.policy.config.image_features)
     for rec in seen:
         assert len(rec.states) == depths[rec.stack] + 1
-        assert all(s.shape[0] == 3 for s in rec.states)
-    vlm = seen[0]
+        # a vision stack runs once per camera image: its states stack every image of the batch
+        examples = 3 * cameras if family.stack(rec.stack).per_image else 3
+        assert all(s.shape[0] == examples for s in rec.states), rec.stack
+        assert (rec.mask is None) == (family.stack(rec.stack).per_image or rec.timestep is not None)
+    vlm = next(rec for rec in seen if rec.stack == "vlm")
     assert vlm.mask is not None and vlm.mask.shape == vlm.states[0].shape[:2]
     assert not vlm.mask.all(), "language padding should appear in the prefix mask"
+
+
+def test_vision_states_are_each_cameras_encoder_stream(tiny):
+    """The vision stack's states are, camera by camera, the residual stream of SmolVLA's vision encoder:
+    its first state the patch embeddings, its last the encoder output that the final norm turns into
+    the tower's output."""
+    bundle = tiny("tiny:smolvla")
+    policy = bundle.policy
+    family = family_for(policy)
+    data = _batch(bundle)
+    gen = torch.Generator().manual_seed(0)
+    vision = next(collect_residuals(policy, family, data, config=CaptureConfig(), generator=gen))
+    assert vision.stack == "vision" and vision.mask is None
+    images, _ = policy.prepare_images(data)
+    tower = policy.model.vlm_with_expert.get_vlm_model().vision_model
+    patch = tower.config.patch_size
+    with torch.no_grad():
+        embedded = torch.cat([tower.embeddings(pixel_values=img, patch_attention_mask=torch.ones(
+            img.shape[0], img.shape[2] // patch, img.shape[3] // patch, dtype=torch.bool)) for img in images])
+        encoded = torch.cat([tower(pixel_values=img).last_hidden_state for img in images])
+        normed = tower.post_layernorm(vision.states[-1])
+    torch.testing.assert_close(vision.states[0], embedded)
+    torch.testing.assert_close(normed, encoded)
 
 
 @pytest.mark.parametrize("spec", TINY_SPECS)
@@ -66,7 +94,8 @@ def test_first_state_is_stack_input(tiny, spec):
     policy = bundle.policy
     batch = _batch(bundle)
     gen = torch.Generator().manual_seed(0)
-    vlm = next(collect_residuals(policy, family_for(policy), batch, config=CaptureConfig(), generator=gen))
+    vlm = next(rec for rec in collect_residuals(policy, family_for(policy), batch, config=CaptureConfig(),
+                                                generator=gen) if rec.stack == "vlm")
     inputs = _flow_inputs(policy, batch)
     with torch.no_grad():
         if spec == "tiny:smolvla":

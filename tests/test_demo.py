@@ -25,8 +25,10 @@ def test_demo_runs_the_whole_job_on_the_shipped_model(spec, depth, tmp_path, cap
     assert 0.0 <= results["success_full"] <= 1.0 and 0.0 <= results["success_pruned"] <= 1.0
     assert set(results["success_per_task"]["pruned"]) == set(shipped.get(spec).held_out)
     # half depth in both stacks, as the plan in the pruned checkpoint says
-    assert {name: (len(p["kept"]), p["source_num_layers"]) for name, p in results["plan"].items()} == {
+    plan = results["plan"]
+    assert {name: (len(p["kept"]), p["source_num_layers"]) for name, p in plan.items() if name != "vision"} == {
         "vlm": (depth // 2, depth), "expert": (depth // 2, depth)}
+    assert len(plan["vision"]["kept"]) == plan["vision"]["source_num_layers"]  # opt-in: not planned by default
     assert results["speed"]["train_step_ratio"] > 0 and results["finetune"]["pruned"]["final_loss"] is not None
     for path in ("analysis/cka_vlm.png", "pruned/prune_manifest.json", "bench.json", "report.md",
                  "finetune/pruned/checkpoints/000002/pretrained_model/model.safetensors"):

@@ -37,7 +37,7 @@ def test_the_loss_plan_obeys_the_rules_and_its_score_is_the_pruned_models_loss(s
     assert 0 < plan.details["evaluations"] <= greedy_evaluations(problem, budget)
     order = plan.details["order"]
     lockstep = {m for group in problem.lockstep for m in group[1:]}  # removed together with the group's first
-    assert len(order) == sum(d - len(plan.kept[n]) for n, d in family.depths(source).items() if n not in lockstep)
+    assert len(order) == sum(s.num_layers - len(plan.kept[s.name]) for s in problem.stacks if s.name not in lockstep)
     assert order[-1]["score"] == meter(plan.kept)  # deterministic: fixed noise and times
     pruned = remove_blocks(source, family, {n: list(k) for n, k in plan.kept.items()})
     real = PlanLoss(pruned, family, _batches(bundle, seed=1)).full

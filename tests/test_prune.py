@@ -37,6 +37,9 @@ def test_prune_writes_a_checkpoint_that_reloads_identically(tmp_path, spec):
     manifest = json.loads((tmp_path / "p" / "prune_manifest.json").read_text())
     assert manifest["family"] == family_for(spec.split(":")[1]).name
     for name, stack in manifest["stacks"].items():
+        if name == "vision":  # opt-in (--plan.stacks): not planned, every block kept
+            assert stack["removed"] == [] and stack["kept"] == list(range(stack["source_num_layers"]))
+            continue
         assert len(stack["kept"]) == 4 and len(stack["removed"]) == 4, name
         assert sorted(stack["kept"] + stack["removed"]) == list(range(8))
     assert manifest["stacks"]["vlm"]["kept"] == manifest["stacks"]["expert"]["kept"]  # lockstep
@@ -47,7 +50,8 @@ def test_prune_writes_a_checkpoint_that_reloads_identically(tmp_path, spec):
 
     source = load_policy(spec)
     reloaded = load_policy(str(tmp_path / "p"))
-    assert family_for(reloaded.policy).depths(reloaded.policy) == {"vlm": 4, "expert": 4}
+    family = family_for(reloaded.policy)
+    assert family.depths(reloaded.policy) == {**family.depths(source.policy), "vlm": 4, "expert": 4}
     data = batch(source)
     removed = {name: s["removed"] for name, s in manifest["stacks"].items()}
     loss, chunk = assert_matches_skipped(source.policy, reloaded.policy, removed, loss_and_chunk, data)
@@ -63,7 +67,8 @@ def test_every_method_gives_a_verified_checkpoint(tmp_path, spec, method):
     assert result.manifest.method == method
     assert result.manifest.verify["chunk_max_abs_diff"] < 1e-4
     reloaded = load_policy(str(result.out))
-    assert family_for(reloaded.policy).depths(reloaded.policy) == {"vlm": 4, "expert": 4}
+    family = family_for(reloaded.policy)
+    assert family.depths(reloaded.policy) == {**result.manifest.source_depths(), "vlm": 4, "expert": 4}
     if spec == "tiny:smolvla":
         kept = result.manifest.kept()["expert"]
         roles = ["self" if i % 2 == 0 else "cross" for i in range(8)]
@@ -168,13 +173,16 @@ def test_lerobot_train_trains_the_pruned_checkpoint(tmp_path, spec):
     root = tmp_path / "ds"
     make_dataset(root, episodes=3, frames=15)
     pruned = tmp_path / "pruned"
-    run_prune(_cfg(pruned, spec, repo_id="local/calib", root=str(root)))
+    # SmolVLA with its vision encoder pruned too: the plugin's smolvla_pruned type
+    stacks = {"stacks": ["vision", "vlm", "expert"]} if spec == "tiny:smolvla" else {}
+    run_prune(_cfg(pruned, spec, repo_id="local/calib", root=str(root), **stacks))
     ckpt = lerobot_train(pruned, repo_id="local/calib", root=root, out=tmp_path / "train", steps=2, batch_size=2,
                          num_workers=0).checkpoint
     trained = load_policy(str(ckpt))
     before = load_policy(str(pruned))
     family = family_for(trained.policy)
     assert family.depths(trained.policy) == family.depths(before.policy)
+    assert trained.policy.config.type == {"tiny:smolvla": "smolvla_pruned"}.get(spec, f"{spec[5:]}_pruned")
     changed = [k for k, v in trained.policy.state_dict().items() if not torch.equal(v, before.policy.state_dict()[k])]
     assert changed, "two training steps changed no weight"
 

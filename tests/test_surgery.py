@@ -35,7 +35,7 @@ def test_smolvla_pruned_equals_source_with_blocks_skipped():
     before = {k: v.clone() for k, v in source.state_dict().items()}
     pruned = remove_blocks(source, family, {"vlm": KEPT, "expert": KEPT})
 
-    assert family.depths(pruned) == {"vlm": 4, "expert": 4}
+    assert family.depths(pruned) == {"vision": 2, "vlm": 4, "expert": 4}  # vision not in the plan: all kept
     assert pruned.config.num_vlm_layers == 4 and source.config.num_vlm_layers == 8
     assert all(torch.equal(before[k], v) for k, v in source.state_dict().items()), "source was modified"
 

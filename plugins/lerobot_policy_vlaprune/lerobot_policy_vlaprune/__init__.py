@@ -1,5 +1,6 @@
-"""LeRobot policy types ``pi0_pruned``, ``pi05_pruned`` and ``groot_pruned`` for depth-pruned pi0 / pi0.5 /
-GR00T N1.7 checkpoints, and ``smolvla_connector`` for robot pretraining of a SmolVLA on a pretrained VLM
+"""LeRobot policy types ``pi0_pruned``, ``pi05_pruned``, ``groot_pruned`` and ``smolvla_pruned`` for
+depth-pruned pi0 / pi0.5 / GR00T N1.7 checkpoints and SmolVLA checkpoints with a pruned vision encoder,
+and ``smolvla_connector`` for robot pretraining of a SmolVLA on a pretrained VLM
 (the new connector trains, the pretrained layers stay frozen).
 
 Installed as the distribution ``lerobot_policy_vlaprune``, so LeRobot's ``register_third_party_plugins``
@@ -16,6 +17,7 @@ from .configuration_groot_pruned import GrootPrunedConfig
 from .configuration_pi0_pruned import PI0PrunedConfig
 from .configuration_pi05_pruned import PI05PrunedConfig
 from .configuration_smolvla_connector import SmolVLAConnectorConfig
+from .configuration_smolvla_pruned import SmolVLAPrunedConfig
 
 __all__ = [
     "GrootPrunedConfig",
@@ -26,6 +28,8 @@ __all__ = [
     "PI05PrunedPolicy",
     "SmolVLAConnectorConfig",
     "SmolVLAConnectorPolicy",
+    "SmolVLAPrunedConfig",
+    "SmolVLAPrunedPolicy",
 ]
 
 
@@ -43,6 +47,10 @@ def __getattr__(name: str) -> Any:
         from .modeling_smolvla_connector import SmolVLAConnectorPolicy
 
         return SmolVLAConnectorPolicy
+    if name == "SmolVLAPrunedPolicy":
+        from .modeling_smolvla_pruned import SmolVLAPrunedPolicy
+
+        return SmolVLAPrunedPolicy
     if name == "GrootPrunedPolicy":
         from .modeling_groot_pruned import GrootPrunedPolicy
 

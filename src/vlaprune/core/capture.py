@@ -66,6 +66,7 @@ class ResidualRecorder:
         self.num_layers = len(layers)
         self._points = spec.stream_points(policy, layers)
         self._slots: list[Tensor | None] = [None] * (self.num_layers + 1)
+        self._calls: list[list[Tensor]] = [[] for _ in range(self.num_layers + 1)]  # per_image stacks
         self._armed = False
         self._stray_calls = 0
 
@@ -84,6 +85,9 @@ class ResidualRecorder:
                 return
             if not isinstance(hidden, Tensor):
                 raise CaptureError(f"stack {self.spec.name!r}: stream point {index} got no hidden-state tensor")
+            if self.spec.per_image:  # one call per camera image: stacked as examples
+                self._calls[index].append(hidden.detach())
+                return
             if self._slots[index] is not None:
                 raise CaptureError(
                     f"stack {self.spec.name!r}: {_state_name(index, self.num_layers)} recorded twice in one pass "
@@ -95,6 +99,7 @@ class ResidualRecorder:
 
     def arm(self) -> None:
         self._slots = [None] * (self.num_layers + 1)
+        self._calls = [[] for _ in range(self.num_layers + 1)]
         self._armed = True
 
     def take(self) -> list[Tensor]:
@@ -105,6 +110,12 @@ class ResidualRecorder:
                 f"stack {self.spec.name!r} ran {self._stray_calls} norm calls outside its phase; "
                 "the family's forward does not match its adapter"
             )
+        if self.spec.per_image:
+            counts = {len(calls) for calls in self._calls}
+            if len(counts) != 1:
+                raise CaptureError(f"stack {self.spec.name!r}: its stream points ran {sorted(counts)} times in one "
+                                   "pass; each must run once per image")
+            self._slots = [torch.cat(calls) if calls else None for calls in self._calls]
         states: list[Tensor] = []
         for i, state in enumerate(self._slots):
             name = _state_name(i, self.num_layers)
@@ -148,7 +159,8 @@ def collect_residuals(
             recorders[name].arm()
         prefix = runner.prefix(policy, batch)
         for name in family.prefix_stacks:
-            yield StackStates(name, recorders[name].take(), prefix.pad_mask.bool(), None)
+            mask = None if family.stack(name).per_image else prefix.pad_mask.bool()
+            yield StackStates(name, recorders[name].take(), mask, None)
 
         actions = prefix.actions.float()  # (batch, chunk, max_action_dim)
         noise = torch.randn(actions.shape, generator=generator, dtype=torch.float32).to(actions.device)

@@ -43,6 +43,11 @@ class StackSpec:
     # block an exact identity, which is how a removed block is "skipped" without surgery (verify)
     residual_branches: tuple[str, ...] = ("self_attn.o_proj", "mlp")
     final_output: str | None = None
+    # the stack runs once per camera image in the prefix pass (a vision encoder): the states of every
+    # call of a pass are stacked as examples, every token real
+    per_image: bool = False
+    # planned only when the user names it (``--plan.stacks``); a plan that does not name it keeps all of it
+    opt_in: bool = False
 
     def __post_init__(self) -> None:
         if (self.final_norm is None) == (self.final_output is None):
@@ -259,6 +264,23 @@ class Family:
     def depths(self, policy: nn.Module) -> dict[str, int]:
         return {spec.name: len(self.layers(policy, spec.name)) for spec in self.stacks}
 
+    def default_planned(self) -> tuple[str, ...]:
+        """The stacks a budget applies to when the user names none: all but the opt-in ones."""
+        return tuple(s.name for s in self.stacks if not s.opt_in)
+
+    def complete(self, policy: nn.Module, kept: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+        """``kept`` for every stack: an opt-in stack it does not name keeps all its blocks; a stack it
+        does not know, or a missing stack that is always planned, raises."""
+        depths = self.depths(policy)
+        unknown = sorted(set(kept) - set(depths))
+        if unknown:
+            raise ValueError(f"the plan names stack(s) {unknown}, which {self.name} does not have; its stacks: "
+                             f"{', '.join(depths)}")
+        missing = sorted(set(self.default_planned()) - set(kept))
+        if missing:
+            raise ValueError(f"the plan names no kept blocks for stack(s) {missing} of {self.name}")
+        return {name: list(kept[name]) if name in kept else list(range(depth)) for name, depth in depths.items()}
+
     def roles(self, policy: nn.Module) -> dict[str, list[str]]:
         """Role of each block per stack, for the stacks whose roles are fixed by position."""
         depths = self.depths(policy)
@@ -289,8 +311,8 @@ class Family:
         """JSON-ready summary of the family's structure for one policy (saved with every analysis)."""
         return {
             "family": self.name,
-            "stacks": {s.name: {"path": s.layers, "depth_key": s.depth_key, "description": s.description}
-                       for s in self.stacks},
+            "stacks": {s.name: {"path": s.layers, "depth_key": s.depth_key, "description": s.description,
+                                "opt_in": s.opt_in} for s in self.stacks},
             "prefix_stacks": list(self.prefix_stacks),
             "expert_stacks": list(self.expert_stacks),
             "lockstep": [list(g) for g in self.lockstep],

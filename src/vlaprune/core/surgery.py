@@ -34,8 +34,9 @@ def _stack_patterns(family: Family) -> dict[str, re.Pattern[str]]:
 def renumber_state_dict(
     state_dict: Mapping[str, Tensor], family: Family, kept: Mapping[str, Sequence[int]]
 ) -> dict[str, Tensor]:
-    """Keys of kept blocks renumbered 0..K-1 in their new order, keys of removed blocks dropped."""
-    patterns = _stack_patterns(family)
+    """Keys of kept blocks renumbered 0..K-1 in their new order, keys of removed blocks dropped; the keys
+    of a stack that ``kept`` does not name stay as they are."""
+    patterns = {name: pattern for name, pattern in _stack_patterns(family).items() if name in kept}
     new_index = {name: {orig: new for new, orig in enumerate(kept[name])} for name in kept}
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
@@ -63,10 +64,8 @@ def remove_blocks(
     timing: no second copy of the weights, but training one trains the other). The result must hold
     exactly the source's renumbered state dict, names and shapes, or this raises.
     """
+    kept = family.complete(policy, kept)
     depths = family.depths(policy)
-    missing = set(depths) - set(kept)
-    if missing:
-        raise ValueError(f"the plan names no kept blocks for stack(s) {sorted(missing)} of {family.name}")
     config = family.surgeon.pruned_config(policy, kept)
     device = getattr(config, "device", None)
     if device is not None:
@@ -168,9 +167,11 @@ def skip_blocks(policy: nn.Module, family: Family, removed: Mapping[str, Sequenc
 
 
 def removed_blocks(family: Family, policy: Any, kept: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
-    """Per stack, the original indices of ``policy``'s blocks that ``kept`` leaves out."""
+    """Per stack, the original indices of ``policy``'s blocks that ``kept`` leaves out (an opt-in stack
+    that ``kept`` does not name loses none)."""
+    kept = family.complete(policy, kept)
     depths = family.depths(policy)
-    return {name: [i for i in range(depths[name]) if i not in set(kept[name])] for name in depths}
+    return {name: [i for i in range(depth) if i not in set(kept[name])] for name, depth in depths.items()}
 
 
 @contextmanager

@@ -1,9 +1,11 @@
-"""SmolVLA (LeRobot 0.6.1, ``policies/smolvla``): SmolVLM text layers + action-expert layers.
+"""SmolVLA (LeRobot 0.6.1, ``policies/smolvla``): SmolVLM text layers + action-expert layers, and the
+SigLIP vision encoder when the user plans it.
 
 Rules (docs/families.md): the expert reads the VLM's KV cache layer by layer, so both stacks lose
 the same indices (lockstep); with cross-attention, an expert block is self-attention when
 ``layer_idx % self_attn_every_n_layers == 0`` and cross-attention otherwise, and that role is baked
-into its k/v projection shapes.
+into its k/v projection shapes. The vision encoder runs once per camera image before the text
+layers and is coupled to nothing; the connector reads its final (post-norm) output, so any block may go.
 """
 
 from __future__ import annotations
@@ -15,14 +17,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vlaprune.core.family import Family, ModelForwardRunner, PrefixPass, RoleRule, StackSpec, register_family
+from vlaprune.core.family import (
+    Family,
+    ModelForwardRunner,
+    PrefixPass,
+    RoleRule,
+    StackSpec,
+    check_positions,
+    register_family,
+    resolve,
+)
 
 _VLM = "model.vlm_with_expert.vlm.model.text_model"
+_VISION = "model.vlm_with_expert.vlm.model.vision_model"
 _EXPERT = "model.vlm_with_expert.lm_expert"
 
 
 _VLM_STACK = StackSpec("vlm", f"{_VLM}.layers", f"{_VLM}.norm", depth_key="num_vlm_layers",
                        description="SmolVLM text decoder layers")
+_VISION_STACK = StackSpec("vision", f"{_VISION}.encoder.layers", f"{_VISION}.post_layernorm", input_norm="layer_norm1",
+                          residual_branches=("self_attn.out_proj", "mlp"), per_image=True, opt_in=True,
+                          description="vision-encoder layers (SigLIP), run once per camera image")
 _EXPERT_STACK = StackSpec("expert", f"{_EXPERT}.layers", f"{_EXPERT}.norm", depth_key="num_expert_layers",
                           description="action-expert layers (self/cross-attention to the VLM's KV)")
 
@@ -72,14 +87,20 @@ class SmolVLARunner(ModelForwardRunner):
 
 
 class SmolVLASurgeon:
-    """A pruned SmolVLA is a stock ``smolvla`` config with ``num_vlm_layers = K``.
+    """A SmolVLA pruned in its text and expert stacks is a stock ``smolvla`` config with
+    ``num_vlm_layers = K``; one with a pruned vision encoder is a ``smolvla_pruned`` config (plugin
+    ``lerobot_policy_vlaprune``) that also records the kept vision blocks and the source's vision depth.
 
     SmolVLA builds the first ``num_vlm_layers`` text layers and as many expert layers, assigning
     self/cross-attention by position; surgery then loads the kept blocks renumbered 0..K-1. The
     planner guarantees each kept block's role at its new position, so shapes and semantics agree.
+    Pruning a ``smolvla_pruned`` policy composes: vision positions map back to the ORIGINAL blocks.
     """
 
     def pruned_config(self, policy: Any, kept: Mapping[str, Sequence[int]]) -> Any:
+        from lerobot_policy_vlaprune.configuration_smolvla_pruned import SmolVLAPrunedConfig
+        from lerobot_policy_vlaprune.pruned import config_as
+
         vlm, expert = list(kept["vlm"]), list(kept["expert"])
         if vlm != expert:
             raise ValueError(f"SmolVLA stacks are lockstep: kept vlm {vlm} and expert {expert} must be equal")
@@ -96,20 +117,33 @@ class SmolVLASurgeon:
             assert spec.depth_key is not None
             setattr(config, spec.depth_key, depth)
         config.load_vlm_weights = False  # every weight comes from the pruned state dict
-        return config
+        vision_depth = len(resolve(policy, _VISION_STACK.layers))
+        vision = list(kept.get("vision", range(vision_depth)))
+        check_positions("kept vision layers", vision, vision_depth)
+        if isinstance(source, SmolVLAPrunedConfig):  # positions of the pruned policy → the original model
+            original = [source.vision_kept_layers[i] for i in vision]
+            return config_as(SmolVLAPrunedConfig, config, vision_kept_layers=original,
+                             vision_source_num_layers=source.vision_source_num_layers)
+        if vision == list(range(vision_depth)):
+            return config  # every vision block kept: a stock smolvla config
+        return config_as(SmolVLAPrunedConfig, config, vision_kept_layers=vision, vision_source_num_layers=vision_depth)
 
     def build(self, config: Any) -> Any:
         from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-        return SmolVLAPolicy(config).to(dtype=torch.float32)
+        from lerobot_policy_vlaprune.configuration_smolvla_pruned import SmolVLAPrunedConfig
+        from lerobot_policy_vlaprune.modeling_smolvla_pruned import SmolVLAPrunedPolicy
+
+        policy_cls = SmolVLAPrunedPolicy if isinstance(config, SmolVLAPrunedConfig) else SmolVLAPolicy
+        return policy_cls(config).to(dtype=torch.float32)
 
 
 SMOLVLA = register_family(
     Family(
         name="smolvla",
-        policy_types=("smolvla",),
-        stacks=(_VLM_STACK, _EXPERT_STACK),
-        prefix_stacks=("vlm",),
+        policy_types=("smolvla", "smolvla_pruned"),
+        stacks=(_VISION_STACK, _VLM_STACK, _EXPERT_STACK),
+        prefix_stacks=("vision", "vlm"),
         expert_stacks=("expert",),
         lockstep=(("vlm", "expert"),),
         role_rules=(
@@ -124,6 +158,8 @@ SMOLVLA = register_family(
         ),
         notes=(
             "expert layer i reads VLM layer i's KV cache: both stacks keep the same indices",
+            "the vision encoder is planned only when named (--plan.stacks); its depth is not a SmolVLA config "
+            "field, so a pruned one makes a smolvla_pruned checkpoint",
             "LeRobot 0.6.1 builds cross-attention expert layers by expert index but runs them by VLM index: "
             "num_expert_layers < num_vlm_layers with cross-attention fails on shapes in stock LeRobot",
         ),

@@ -153,4 +153,6 @@ def original_indices(source_manifest: Manifest | None, kept: Mapping[str, Sequen
     """Kept indices of a (possibly already pruned) source, mapped to the ORIGINAL model's indices."""
     if source_manifest is None:
         return {name: list(idx) for name, idx in kept.items()}
-    return {name: [source_manifest.stacks[name].kept_original[i] for i in idx] for name, idx in kept.items()}
+    stacks = source_manifest.stacks  # a stack the source's manifest does not name was not pruned (opt-in)
+    return {name: [stacks[name].kept_original[i] for i in idx] if name in stacks else list(idx)
+            for name, idx in kept.items()}

@@ -20,7 +20,7 @@ from vlaprune.io.calibration import CalibrationConfig, calibration_batches
 from vlaprune.io.manifest import read_manifest
 from vlaprune.io.provenance import library_versions, machine_description
 from vlaprune.models.loading import is_builtin, load_policy
-from vlaprune.pipelines.planning import build_problem, choose_plan, compute_stack_cka
+from vlaprune.pipelines.planning import build_problem, choose_plan, compute_stack_cka, planned_stacks
 
 
 def set_cameras(policies: Sequence[Any], count: int | None = None, size: int | None = None) -> None:
@@ -140,10 +140,11 @@ def run_bench(cfg: Any, *, on_round: Callable[[int], None] | None = None) -> dic
     else:
         stacks = compute_stack_cka(full, batches(cfg.calibration.num_samples, cfg.calibration.seed),
                                    family=family, cka=cfg.cka.config(), capture=cfg.calibration.capture())
-        problem = build_problem(family, full, stacks, cfg.plan.protect, cfg.plan.allow)
+        problem = build_problem(family, full, stacks, cfg.plan.protect, cfg.plan.allow,
+                                planned_stacks(family, cfg.plan))
         # timing needs the requested method's plan as is: no refine
         plan, _ = choose_plan(replace(cfg.plan, refine="off"), problem, lambda p: float("nan"))
-        kept = {name: list(idx) for name, idx in plan.kept.items()}
+        kept = family.complete(full, plan.kept)
         method = plan.method
     full.to(dtype=dtype)
     if cfg.pruned.path:

@@ -103,6 +103,9 @@ class PlanArgs:
     keep: dict[str, int] | None = None  # explicit keep count per stack, e.g. '{vlm: 4, expert: 4}'
     threshold: float | None = None  # the data decides: shallowest plan whose cka-dp cost <= threshold
     kept: dict[str, list[int]] | None = None  # explicit plan: kept ORIGINAL indices per stack
+    # the stacks the budget applies to, e.g. '[vision, vlm, expert]'; default: the family's language stacks
+    # (every stack but the opt-in vision encoder) and any stack --plan.keep or --plan.kept names
+    stacks: list[str] | None = None
     # measure every plan of the pool (the requested one, first-k, the best contiguous window, the loss plan,
     # the similarity plans) and keep the lowest: auto (loss increase with demonstrations, else chunk damage),
     # loss, damage or off

@@ -116,11 +116,34 @@ def settings_dict(cka: CKAConfig, capture: CaptureConfig) -> dict[str, Any]:
     return {"cka": asdict(cka), "capture": {"timesteps": list(capture.timesteps), "seed": capture.seed}}
 
 
+def planned_stacks(family: Family, args: PlanArgs) -> tuple[str, ...]:
+    """The stacks a plan covers: ``--plan.stacks``, else the family's default ones (all but opt-in stacks)
+    and any stack ``--plan.keep`` or ``--plan.kept`` names. Lockstep partners are planned together."""
+    names = [s.name for s in family.stacks]
+    named = [*(args.keep or {}), *(args.kept or {})]
+    chosen = list(args.stacks) if args.stacks is not None else [*family.default_planned(), *named]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown or not chosen:
+        raise ValueError(f"--plan.stacks={args.stacks}: {unknown or 'no stack'} is not a stack of {family.name}; its "
+                         f"stacks: {', '.join(names)}")
+    outside = sorted(set(named) - set(chosen))
+    if outside:
+        raise ValueError(f"--plan.keep / --plan.kept name {outside}, outside --plan.stacks={args.stacks}: add them "
+                         "to --plan.stacks or leave them out")
+    for group in family.lockstep:
+        if set(group) & set(chosen) and not set(group) <= set(chosen):
+            raise ValueError(f"--plan.stacks={args.stacks}: {family.name}'s stacks {list(group)} lose the same blocks "
+                             "(lockstep), so they are planned together: name all of them or none")
+    return tuple(name for name in names if name in chosen)
+
+
 def build_problem(family: Family, policy: Any, stacks: dict[str, StackAnalysis], protect: list[int],
-                  allow: list[str] | None = None) -> PlanProblem:
-    """The planner's view of a policy: CKA / cosine matrices per stack plus the family's rules
-    (``allow`` lifts the family protections it names)."""
-    depths = family.depths(policy)
+                  allow: list[str] | None = None, planned: tuple[str, ...] | None = None) -> PlanProblem:
+    """The planner's view of a policy: CKA / cosine matrices of the ``planned`` stacks (default: the
+    family's default ones) plus the family's rules (``allow`` lifts the family protections it names).
+    Stacks outside the problem keep every block (``Family.complete``)."""
+    planned = planned or family.default_planned()
+    depths = {name: depth for name, depth in family.depths(policy).items() if name in planned}
     for name, depth in depths.items():
         if name not in stacks or stacks[name].num_layers != depth:
             found = stacks[name].num_layers if name in stacks else "no"
@@ -148,7 +171,7 @@ def build_problem(family: Family, policy: Any, stacks: dict[str, StackAnalysis],
             )
             for name in depths
         ),
-        lockstep=family.lockstep,
+        lockstep=tuple(group for group in family.lockstep if set(group) <= set(depths)),
     )
 
 

@@ -30,6 +30,7 @@ from vlaprune.pipelines.planning import (
     choose_plan,
     compute_stack_cka,
     load_analysis,
+    planned_stacks,
     refine_signal,
     settings_dict,
     warn_degenerate,
@@ -75,7 +76,8 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
                                    on_batch=on_batch)
     if cfg.plan.kept is None:
         warn_degenerate(stacks, cka)
-    problem = build_problem(family, source, stacks, cfg.plan.protect, cfg.plan.allow)
+    planned = planned_stacks(family, cfg.plan)
+    problem = build_problem(family, source, stacks, cfg.plan.protect, cfg.plan.allow, planned)
     meter: list[PlanDamage] = []  # built on first use: the full source's chunks are computed once
 
     def damage(plan: Plan) -> float:
@@ -86,7 +88,7 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
     labelled = cfg.dataset.repo_id != SYNTHETIC  # demonstrations carry action labels; synthetic frames do not
     plan, candidates = choose_plan(cfg.plan, problem, damage,
                                    (lambda: PlanLoss(source, family, holdout)) if labelled else None)
-    kept = {name: list(idx) for name, idx in plan.kept.items()}
+    kept = family.complete(source, plan.kept)  # stacks left out of the plan keep every block
 
     pruned = remove_blocks(source, family, kept)
     report = verify_pruned(source, pruned, family, kept, holdout[0], tolerance=cfg.tolerance)
@@ -114,7 +116,7 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
         calibration={**describe_calibration(cfg.dataset.repo_id, cfg.dataset.root, calib),
                      "holdout_samples": cfg.holdout_samples, "analysis": cfg.analysis},
         settings={**settings_dict(cka, capture), "budget": {"ratio": cfg.plan.ratio, "keep": cfg.plan.keep,
-                  "threshold": cfg.plan.threshold}, "refine": cfg.plan.refine,
+                  "threshold": cfg.plan.threshold}, "stacks": list(planned), "refine": cfg.plan.refine,
                   "refine_signal": refine_signal(cfg.plan.refine, labelled), "protect": cfg.plan.protect,
                   "allow": cfg.plan.allow, "tolerance": cfg.tolerance},
         versions=library_versions(),
