@@ -6,7 +6,10 @@ refine: timing does not need trained weights), alternating A B A B after a warm-
 ``--rounds``. ``first-k`` is LeRobot's own truncation (SmolVLA's ``num_vlm_layers``), for comparison.
 
     python benchmarks/speed.py [--policies real:smolvla] [--ratios 0.25 0.5] [--rounds 3] [--device cpu]
-        [--trainable default|expert|all] [--train_batch_size 2] [--out speed.json]
+        [--trainable default|expert|all] [--train_batch_size 2] [--stacks vision vlm expert] [--out speed.json]
+
+``--stacks`` names the stacks the ratio applies to (``--plan.stacks``; default: the family's default
+ones, so SmolVLA's vision encoder stays whole unless named).
 
 The README's CPU rows: ``--policies real:smolvla`` (SmolVLA's default trainable set is already the
 expert) and ``--policies real:pi0 real:pi05 --trainable expert --train_batch_size 1`` (pi0 trains
@@ -40,6 +43,8 @@ def run(policy: str, ratio: float, method: str, args: argparse.Namespace) -> dic
                f"--policy.device={args.device}", f"--ratio={ratio}", f"--plan.method={method}",
                f"--rounds={args.rounds}", f"--dtype={args.dtype}", f"--train_batch_size={args.train_batch_size}",
                f"--trainable={args.trainable}", f"--out={out}"]
+        if args.stacks:
+            cmd.append(f"--plan.stacks=[{', '.join(args.stacks)}]")
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if proc.returncode != 0:
             why = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else "failed"
@@ -56,6 +61,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--train_batch_size", type=int, default=2)
     parser.add_argument("--trainable", default="default", choices=["default", "expert", "all"])
+    parser.add_argument("--stacks", nargs="+", help="the stacks pruned (default: the family's default ones)")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
 
