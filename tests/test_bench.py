@@ -117,8 +117,8 @@ def test_bench_with_three_cameras():
                                   train_batch_size=0, cameras=3))
     assert one["cameras"] == 1 and three["cameras"] == 3
     # the vision encoder runs once per camera: its FLOPs triple
-    other = [r["full"]["chunk_linear_flops_by_part"]["other"] for r in (one, three)]
-    assert other[1] > 2 * other[0]
+    vision = [r["full"]["chunk_linear_flops_by_part"]["vision"] for r in (one, three)]
+    assert vision[1] == 3 * vision[0]
     with pytest.raises(ValueError, match="--cameras=2"):
         BenchConfig(policy=PolicyArgs(path="x"), ratio=0.5, cameras=2, dataset=DatasetArgs(repo_id="a/b")).validate()
 

@@ -126,7 +126,8 @@ def test_small_smolvla_for_the_demonstrations_trains_with_lerobot_train(tmp_path
     root = tmp_path / "demos"
     mw.generate_demos(_small(episodes_per_task=1, image_size=64), root, progress=False)
     bundle = smolvla.build_for_dataset("small", root, "local/metaworld", seed=0)
-    assert family_for(bundle.policy).depths(bundle.policy) == {"vlm": 12, "expert": 12}
+    depths = family_for(bundle.policy).depths(bundle.policy)
+    assert (depths["vlm"], depths["expert"]) == (12, 12)
     assert set(bundle.policy.config.input_features) == {mw.IMAGE_KEY, mw.STATE_KEY}
     assert all(p.requires_grad for p in bundle.policy.parameters())  # from scratch: the VLM trains too
     start = tmp_path / "start"

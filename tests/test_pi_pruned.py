@@ -131,9 +131,9 @@ def test_pruned_structure(case, variant):
     pwe = pruned.model.paligemma_with_expert
     assert pwe.paligemma.config.text_config.num_hidden_layers == len(KEPT)
     assert pwe.gemma_expert.config.num_hidden_layers == len(KEPT)
-    assert family_for(pruned).depths(pruned) == {"vlm": len(KEPT), "expert": len(KEPT)}
+    assert family_for(pruned).depths(pruned) == {"vision": 2, "vlm": len(KEPT), "expert": len(KEPT)}
     # the source is untouched
-    assert family_for(source.policy).depths(source.policy) == {"vlm": 8, "expert": 8}
+    assert family_for(source.policy).depths(source.policy) == {"vision": 2, "vlm": 8, "expert": 8}
     assert source.policy.config.type == variant
 
 

@@ -85,7 +85,7 @@ def test_refine_on_synthetic_frames_keeps_the_least_damaging_plan_of_the_pool(tm
     chosen = [c for c in candidates if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["damage"] == min(c["damage"] for c in candidates)
     assert {c["signal"] for c in candidates} == {"damage"} and result.manifest.settings["refine_signal"] == "damage"
-    assert result.manifest.kept() == {n: list(k) for n, k in chosen[0]["kept"].items()}
+    assert result.manifest.kept() == {"vision": [0, 1], **{n: list(k) for n, k in chosen[0]["kept"].items()}}
 
 
 def test_refine_on_demonstrations_picks_by_the_training_loss_among_every_plan(tmp_path):
@@ -136,6 +136,9 @@ def test_cli_prune_and_overwrite(tmp_path, capsys):
     assert "(also " in text  # tiny:smolvla's cka-dp plan is first-k's too
     assert main(args) == 1 and "--overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite=true"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--overwrite=true", "--plan.refine=off"]) == 0  # a bare off: YAML's false on the line
+    assert "(refined by" not in capsys.readouterr().out
     assert main(["prune", "--policy.path=tiny:smolvla", "--dataset.repo_id=synthetic", f"--out={out}2"]) == 1
     assert "exactly one budget" in capsys.readouterr().err
 
@@ -173,9 +176,8 @@ def test_lerobot_train_trains_the_pruned_checkpoint(tmp_path, spec):
     root = tmp_path / "ds"
     make_dataset(root, episodes=3, frames=15)
     pruned = tmp_path / "pruned"
-    # SmolVLA with its vision encoder pruned too: the plugin's smolvla_pruned type
-    stacks = {"stacks": ["vision", "vlm", "expert"]} if spec == "tiny:smolvla" else {}
-    run_prune(_cfg(pruned, spec, repo_id="local/calib", root=str(root), **stacks))
+    # the vision encoder pruned too: SmolVLA's checkpoint is then the plugin's smolvla_pruned type
+    run_prune(_cfg(pruned, spec, repo_id="local/calib", root=str(root), stacks=["vision", "vlm", "expert"]))
     ckpt = lerobot_train(pruned, repo_id="local/calib", root=root, out=tmp_path / "train", steps=2, batch_size=2,
                          num_workers=0).checkpoint
     trained = load_policy(str(ckpt))

@@ -1,5 +1,6 @@
-"""SmolVLA's vision encoder as an opt-in stack: planned only when named, pruned into a ``smolvla_pruned``
-checkpoint that equals the source with the removed vision blocks skipped and reloads strictly."""
+"""The vision encoder as an opt-in stack (SmolVLA, pi0, pi0.5): planned only when named, pruned into a
+checkpoint that equals the source with the removed vision blocks skipped and reloads strictly (SmolVLA:
+the plugin type ``smolvla_pruned``; pi0 / pi0.5: ``pi0_pruned`` / ``pi05_pruned`` at the kept depth)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from vlaprune.families import family_for
 from vlaprune.pipelines.config import CalibrationArgs, DatasetArgs, PlanArgs, PolicyArgs, PruneConfig
 from vlaprune.pipelines.prune import run_prune
 
+from .conftest import TINY_SPECS
 from .flow import assert_matches_skipped, batch, loss_and_chunk
 from .lerobot_data import make_dataset
 
@@ -31,24 +33,28 @@ def _cfg(out, spec="tiny:smolvla", dataset=None, **plan):
                        plan=PlanArgs(refine="off", **plan), out=str(out))
 
 
+@pytest.mark.parametrize("spec", TINY_SPECS)
 @pytest.mark.parametrize("plan", [
     {"vision": [1], "vlm": KEPT, "expert": KEPT},  # block 1 becomes block 0: renumbered
     {"vision": [0], "vlm": list(range(8)), "expert": list(range(8))},  # the vision encoder alone
-])
-def test_pruned_vision_equals_the_source_with_its_blocks_skipped(plan):
-    bundle = load_policy("tiny:smolvla")
+], ids=["with-language", "vision-only"])
+def test_pruned_vision_equals_the_source_with_its_blocks_skipped(spec, plan):
+    bundle = load_policy(spec)
     source = bundle.policy
-    with torch.no_grad():  # away from the initial values, so that equality means something
-        for p in source.model.vlm_with_expert.get_vlm_model().vision_model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     family = family_for(source)
+    with torch.no_grad():  # away from the initial values, so that equality means something
+        for p in family.layers(source, "vision").parameters():
+            p.add_(0.05 * torch.randn_like(p))
     before = {k: v.clone() for k, v in source.state_dict().items()}
     pruned = remove_blocks(source, family, plan)
 
-    assert isinstance(pruned.config, SmolVLAPrunedConfig) and pruned.config.type == "smolvla_pruned"
-    assert pruned.config.vision_kept_layers == plan["vision"] and pruned.config.vision_source_num_layers == 2
     assert family.depths(pruned) == {name: len(kept) for name, kept in plan.items()}
-    assert pruned.model.vlm_with_expert.get_vlm_model().vision_model.config.num_hidden_layers == 1
+    if spec == "tiny:smolvla":  # the vision depth is no SmolVLA field: the plugin's type records it
+        assert isinstance(pruned.config, SmolVLAPrunedConfig) and pruned.config.type == "smolvla_pruned"
+        assert pruned.config.vision_kept_layers == plan["vision"] and pruned.config.vision_source_num_layers == 2
+        assert pruned.model.vlm_with_expert.get_vlm_model().vision_model.config.num_hidden_layers == 1
+    else:  # pi0_pruned / pi05_pruned record the dimensions they are built with
+        assert pruned.config.type.endswith("_pruned") and pruned.config.architecture["vision"]["num_hidden_layers"] == 1
     assert all(torch.equal(before[k], v) for k, v in source.state_dict().items()), "source was modified"
 
     data = batch(bundle)
@@ -56,6 +62,20 @@ def test_pruned_vision_equals_the_source_with_its_blocks_skipped(plan):
     loss, _ = assert_matches_skipped(source, pruned, removed, loss_and_chunk, data)
     full_loss, _ = loss_and_chunk(source, data)  # the skipped vision block mattered: not a vacuous test
     assert (full_loss - loss).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("spec", ["tiny:pi0", "tiny:pi05"])
+def test_pi_checkpoints_with_a_pruned_vision_encoder_reload_strictly(tmp_path, spec):
+    result = run_prune(_cfg(tmp_path / "p", spec, stacks=["vision", "vlm", "expert"]))
+    assert {name: len(s.kept) for name, s in result.manifest.stacks.items()} == {"vision": 1, "vlm": 4, "expert": 4}
+    source = load_policy(spec)
+    reloaded = load_policy(str(tmp_path / "p"))
+    assert family_for(reloaded.policy).depths(reloaded.policy) == {"vision": 1, "vlm": 4, "expert": 4}
+    data = batch(source)
+    removed = {name: list(s.removed) for name, s in result.manifest.stacks.items()}
+    loss, chunk = assert_matches_skipped(source.policy, reloaded.policy, removed, loss_and_chunk, data)
+    mem_loss, mem_chunk = loss_and_chunk(result.pruned, data)
+    assert torch.equal(loss, mem_loss) and torch.equal(chunk, mem_chunk)
 
 
 def test_prune_with_the_vision_stack_writes_a_strict_smolvla_pruned_checkpoint(tmp_path):

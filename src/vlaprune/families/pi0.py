@@ -4,7 +4,8 @@ Rules (docs/families.md): the training forward zips both stacks with ``strict=Tr
 layer i attends to the KV of VLM layer i (same ``layer_idx`` cache slot), so the same indices leave
 both stacks. Depth is not a config field (``get_gemma_config`` fixes 18), so a pruned pi0 needs a
 registered type of its own. The joint training path never calls the block modules: capture hooks
-the norms, which both the joint and the cached paths call.
+the norms, which both the joint and the cached paths call. The SigLIP vision encoder is an opt-in
+stack, coupled to nothing (it runs once per camera image; its blocks carry no index).
 """
 
 from __future__ import annotations
@@ -80,20 +81,29 @@ class PiRunner(ModelForwardRunner):
         )
 
 
+# PaliGemma's SigLIP tower: the connector (multi_modal_projector) reads its final, post-norm output
+_VISION = "model.paligemma_with_expert.paligemma.model.vision_tower.vision_model"
+
+
 def _pi_family(name: str, state_in_suffix: bool, expert_note: str, policy_types: tuple[str, ...]) -> Family:
     return Family(
         name=name,
         policy_types=policy_types,
         stacks=(
+            StackSpec("vision", f"{_VISION}.encoder.layers", f"{_VISION}.post_layernorm", input_norm="layer_norm1",
+                      residual_branches=("self_attn.out_proj", "mlp"), per_image=True, opt_in=True,
+                      description="SigLIP So400m vision-encoder layers, run once per camera image"),
             StackSpec("vlm", f"{VLM_MODEL}.layers", f"{VLM_MODEL}.norm", description="PaliGemma (Gemma 2B) layers"),
             StackSpec("expert", f"{EXPERT_MODEL}.layers", f"{EXPERT_MODEL}.norm", description=expert_note),
         ),
-        prefix_stacks=("vlm",),
+        prefix_stacks=("vision", "vlm"),
         expert_stacks=("expert",),
         lockstep=(("vlm", "expert"),),
         notes=(
             "training forward zips the stacks with strict=True; expert layer i reads VLM KV slot layer_idx=i",
             "depth is not a config field (get_gemma_config fixes 18): pruned checkpoints need their own type",
+            "the vision encoder is planned only when named (--plan.stacks); the pruned type records its depth "
+            "in architecture['vision']['num_hidden_layers']",
             "renumber self_attn.layer_idx and set num_hidden_layers on both HF configs after pruning",
         ),
         backbone=("model.paligemma_with_expert.paligemma",),
@@ -107,8 +117,9 @@ class PiSurgeon:
 
     Its config is the source's, every field copied, plus ``kept_layers`` (original indices, the same
     for both stacks), ``source_num_layers`` and the dimensions the source was built with
-    (``architecture``, ``vocab_size``, read from its modules). Pruning a pruned policy composes:
-    positions in the pruned policy map back to indices of the ORIGINAL model.
+    (``architecture``, ``vocab_size``, read from its modules; the vision depth there is the number of
+    vision blocks kept). Pruning a pruned policy composes: positions in the pruned policy map back to
+    indices of the ORIGINAL model (the vision blocks' through the source's manifest).
     """
 
     def pruned_config(self, policy: Any, kept: Mapping[str, Sequence[int]]) -> Any:
@@ -131,6 +142,11 @@ class PiSurgeon:
         else:
             original, source_num_layers = positions, depth
         architecture, vocab_size = measure_architecture(policy)
+        vision_depth = architecture["vision"]["num_hidden_layers"]
+        vision = list(kept.get("vision", range(vision_depth)))
+        check_positions("kept vision layers", vision, vision_depth)
+        # vision blocks carry no index: the tower is built with K blocks and takes the kept ones renumbered
+        architecture["vision"]["num_hidden_layers"] = len(vision)
         target = PI05PrunedConfig if family.name == "pi05" else PI0PrunedConfig
         return config_as(target, source, kept_layers=original, source_num_layers=source_num_layers,
                              architecture=architecture, vocab_size=vocab_size)

@@ -115,6 +115,11 @@ class PlanArgs:
     run_threshold: float | None = None  # cka-run: similarity that makes blocks twins
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # the command line reads a bare `off` as YAML's false, so --plan.refine=off arrives as "False"
+        if self.refine in (False, "False", "false"):
+            self.refine = "off"
+
     def budgets(self) -> list[str]:
         """The budget flags given (exactly one is needed to plan; ``run_threshold`` is cka-run's own)."""
         return [name for name in ("ratio", "keep", "threshold", "kept", "run_threshold")
