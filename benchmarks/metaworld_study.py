@@ -7,7 +7,8 @@ tasks, which pretraining never saw (``vlaprune.models.shipped``):
 1. one calibration pass (``vlaprune analyze``) on the held-out demonstrations;
 2. prune at each ratio with each method (``vlaprune prune``): ``default`` is what ``vlaprune prune``
    makes when no method is given (its default refinement included); every named method is its plan as
-   planned, refinement off; ``random`` draws a new plan per seed;
+   planned, refinement off; ``random`` draws a new plan per seed; a ``+vision`` suffix
+   (``default+vision``) applies the ratio to the vision encoder too;
 3. timing, alternated in one process (``vlaprune bench``): the pruned vs the full model's training
    step at the fine-tuning batch size and one action chunk;
 4. the training-free point: closed-loop success of every pruned model before fine-tuning;
@@ -67,6 +68,13 @@ from vlaprune.studies.train import lerobot_train
 
 METHODS = ("default", "cka-dp", "cka-run", "first-k", "random")
 DEFAULT = "default"  # the plan `vlaprune prune` makes without --plan.method
+VISION = "+vision"  # a method's variant that prunes the vision encoder too: --plan.stacks='[vision, vlm, expert]'
+PLANNED = (*METHODS, "bi", "angular", "loss")
+
+
+def base_method(method: str) -> str:
+    """``first-k+vision`` → ``first-k``."""
+    return method.removesuffix(VISION)
 FULL = "full"
 # the settings that decide a unit's result: fixed for one --out
 UNIT_SETTINGS = ("policy", "data_root", "data_repo_id", "steps", "batch_size", "lr", "eval_episodes", "max_steps",
@@ -83,8 +91,10 @@ def main() -> None:
                              "shipped calibration set)")
     parser.add_argument("--data_repo_id", default=shipped.CALIBRATION_REPO_ID)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=(*METHODS, "bi", "angular", "loss"),
-                        help="default: the plan `vlaprune prune` makes without --plan.method; the others as planned")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        choices=(*PLANNED, *(m + VISION for m in PLANNED)),
+                        help="default: the plan `vlaprune prune` makes without --plan.method; the others as planned; "
+                             f"a {VISION} suffix prunes the vision encoder too, at the same ratio")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps, every variant (default: the "
                         "shipped model's recipe, vlaprune.models.shipped)")
@@ -188,14 +198,17 @@ class Study:
     def name(method: str, ratio: float | None, seed: int | None = None) -> str:
         if method == FULL:
             return FULL
-        return f"{method}@{ratio:g}" + (f"-s{seed}" if method == "random" and seed is not None else "")
+        return f"{method}@{ratio:g}" + (f"-s{seed}" if base_method(method) == "random" and seed is not None else "")
 
     def source_dir(self) -> Path:
         return shipped.policy_dir(self.args.policy)
 
     def analysis(self) -> Path:
         out = self.out / "analysis"
-        if not (out / "analysis.json").exists():
+        # an analysis written before the vision stack was captured is redone (deterministic: the other
+        # stacks' matrices come out the same)
+        if not (out / "analysis.json").exists() or "vision" not in json.loads((out / "analysis.json").read_text())[
+                "stacks"]:
             run_analyze(AnalyzeConfig(policy=PolicyArgs(path=self.args.policy), dataset=self.dataset(), out=str(out),
                                       overwrite=True))
         return out / "analysis.json"
@@ -209,8 +222,10 @@ class Study:
             return self.source_dir()
         out = self.out / "pruned" / self.name(method, ratio, seed)
         if not (out / "model.safetensors").exists():
-            plan = PlanArgs(ratio=ratio, seed=seed) if method == DEFAULT else \
-                PlanArgs(method=method, ratio=ratio, seed=seed, refine="off")
+            stacks = ["vision", "vlm", "expert"] if method.endswith(VISION) else None
+            base = base_method(method)
+            plan = PlanArgs(ratio=ratio, seed=seed, stacks=stacks) if base == DEFAULT else \
+                PlanArgs(method=base, ratio=ratio, seed=seed, refine="off", stacks=stacks)
             run_prune(PruneConfig(policy=PolicyArgs(path=self.args.policy), dataset=self.dataset(), plan=plan,
                                   analysis=str(self.analysis()), out=str(out), overwrite=True))
         return out
@@ -320,7 +335,7 @@ def check_same_plan(records: dict[str, dict[str, Any]], record: dict[str, Any], 
     again on another machine could differ where plans nearly tie; then its results cannot join."""
     for other in records.values():
         same = Study.name(other["method"], other["ratio"]) == Study.name(record["method"], record["ratio"])
-        if same and (record["method"] != "random" or other["seed"] == record["seed"]) and "kept" in other \
+        if same and (base_method(record["method"]) != "random" or other["seed"] == record["seed"]) and "kept" in other \
                 and other["kept"] != record["kept"]:
             raise SystemExit(f"{checkpoint} keeps {record['kept']}, but the recorded unit {other['key']} of the same "
                              f"variant kept {other['kept']}: prune it with --plan.kept set to the recorded plan")
@@ -347,7 +362,7 @@ def summarize(records: dict[str, dict[str, Any]], variants: list[tuple[str, floa
                                "update_s": [r["update_s"] for r in tuned],
                                "training_free_success": free[0]["evaluation"]["success_rate"] if free else None,
                                "timing": timing[0] if timing else None,
-                               "kept": tuned[0].get("kept") if tuned and method != "random" else None}
+                               "kept": tuned[0].get("kept") if tuned and base_method(method) != "random" else None}
         if row["success"]:
             row["success_mean"], row["success_sd"] = _mean_sd(row["success"])
         rows.append(row)

@@ -124,3 +124,19 @@ def test_a_variant_with_another_variants_plan_shares_its_unit_at_the_same_seed()
     assert study.same_unit(records, {**default, "kept": {"vlm": [0, 1]}}) is None
     assert study.same_unit(records, {**default, "kind": "timing"}) is None
     assert study.same_unit(records, {"key": "finetuned/full/s0", "kind": "finetuned", "seed": 0}) is None
+
+
+def test_a_vision_variant_plans_the_vision_encoder_too(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(study, "run_prune", made.append)
+    monkeypatch.setattr(study.Study, "analysis", lambda self: tmp_path / "analysis.json")
+    s = study.Study(_args(tmp_path, methods=["first-k+vision", "default+vision"]))
+    s.pruned("first-k+vision", 0.5, 0)
+    s.pruned("default+vision", 0.5, 0)
+    s.pruned("first-k", 0.5, 0)
+    plans = [cfg.plan for cfg in made]
+    assert [(p.method, p.refine, p.stacks) for p in plans] == [
+        ("first-k", "off", ["vision", "vlm", "expert"]), ("cka-dp", "auto", ["vision", "vlm", "expert"]),
+        ("first-k", "off", None)]
+    assert made[0].out.endswith("first-k+vision@0.5")
+    assert s.name("random+vision", 0.5, 1) == "random+vision@0.5-s1"  # a plan per seed, as random's
