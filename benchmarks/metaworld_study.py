@@ -70,15 +70,15 @@ METHODS = ("default", "cka-dp", "cka-run", "first-k", "random")
 DEFAULT = "default"  # the plan `vlaprune prune` makes without --plan.method
 VISION = "+vision"  # a method's variant that prunes the vision encoder too: --plan.stacks='[vision, vlm, expert]'
 PLANNED = (*METHODS, "bi", "angular", "loss")
+FULL = "full"
+# the settings that decide a unit's result: fixed for one --out
+UNIT_SETTINGS = ("policy", "data_root", "data_repo_id", "steps", "batch_size", "lr", "eval_episodes", "max_steps",
+                 "device")
 
 
 def base_method(method: str) -> str:
     """``first-k+vision`` → ``first-k``."""
     return method.removesuffix(VISION)
-FULL = "full"
-# the settings that decide a unit's result: fixed for one --out
-UNIT_SETTINGS = ("policy", "data_root", "data_repo_id", "steps", "batch_size", "lr", "eval_episodes", "max_steps",
-                 "device")
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from vlaprune.core.family import (
     family_for,
     register_family,
 )
+from vlaprune.families.siglip import vision_stack
 
 
 class PiRunner(ModelForwardRunner):
@@ -81,7 +82,7 @@ class PiRunner(ModelForwardRunner):
         )
 
 
-# PaliGemma's SigLIP tower: the connector (multi_modal_projector) reads its final, post-norm output
+# PaliGemma's SigLIP tower; the connector (multi_modal_projector) reads its final, post-norm output
 _VISION = "model.paligemma_with_expert.paligemma.model.vision_tower.vision_model"
 
 
@@ -90,9 +91,7 @@ def _pi_family(name: str, state_in_suffix: bool, expert_note: str, policy_types:
         name=name,
         policy_types=policy_types,
         stacks=(
-            StackSpec("vision", f"{_VISION}.encoder.layers", f"{_VISION}.post_layernorm", input_norm="layer_norm1",
-                      residual_branches=("self_attn.out_proj", "mlp"), per_image=True, opt_in=True,
-                      description="SigLIP So400m vision-encoder layers, run once per camera image"),
+            vision_stack(_VISION, "SigLIP So400m vision-encoder layers, run once per camera image"),
             StackSpec("vlm", f"{VLM_MODEL}.layers", f"{VLM_MODEL}.norm", description="PaliGemma (Gemma 2B) layers"),
             StackSpec("expert", f"{EXPERT_MODEL}.layers", f"{EXPERT_MODEL}.norm", description=expert_note),
         ),

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lerobot_policy_vlaprune import SmolVLAPrunedConfig
+from lerobot_policy_vlaprune.pruned import config_as
 from vlaprune.core.family import (
     Family,
     ModelForwardRunner,
@@ -27,6 +29,7 @@ from vlaprune.core.family import (
     register_family,
     resolve,
 )
+from vlaprune.families.siglip import vision_stack
 
 _VLM = "model.vlm_with_expert.vlm.model.text_model"
 _VISION = "model.vlm_with_expert.vlm.model.vision_model"
@@ -35,9 +38,7 @@ _EXPERT = "model.vlm_with_expert.lm_expert"
 
 _VLM_STACK = StackSpec("vlm", f"{_VLM}.layers", f"{_VLM}.norm", depth_key="num_vlm_layers",
                        description="SmolVLM text decoder layers")
-_VISION_STACK = StackSpec("vision", f"{_VISION}.encoder.layers", f"{_VISION}.post_layernorm", input_norm="layer_norm1",
-                          residual_branches=("self_attn.out_proj", "mlp"), per_image=True, opt_in=True,
-                          description="vision-encoder layers (SigLIP), run once per camera image")
+_VISION_STACK = vision_stack(_VISION, "vision-encoder layers (SigLIP), run once per camera image")
 _EXPERT_STACK = StackSpec("expert", f"{_EXPERT}.layers", f"{_EXPERT}.norm", depth_key="num_expert_layers",
                           description="action-expert layers (self/cross-attention to the VLM's KV)")
 
@@ -98,9 +99,6 @@ class SmolVLASurgeon:
     """
 
     def pruned_config(self, policy: Any, kept: Mapping[str, Sequence[int]]) -> Any:
-        from lerobot_policy_vlaprune.configuration_smolvla_pruned import SmolVLAPrunedConfig
-        from lerobot_policy_vlaprune.pruned import config_as
-
         vlm, expert = list(kept["vlm"]), list(kept["expert"])
         if vlm != expert:
             raise ValueError(f"SmolVLA stacks are lockstep: kept vlm {vlm} and expert {expert} must be equal")
@@ -131,7 +129,6 @@ class SmolVLASurgeon:
     def build(self, config: Any) -> Any:
         from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-        from lerobot_policy_vlaprune.configuration_smolvla_pruned import SmolVLAPrunedConfig
         from lerobot_policy_vlaprune.modeling_smolvla_pruned import SmolVLAPrunedPolicy
 
         policy_cls = SmolVLAPrunedPolicy if isinstance(config, SmolVLAPrunedConfig) else SmolVLAPolicy
