@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -92,6 +93,12 @@ def test_calibration_set_holds_the_kept_out_tasks(spec, episodes):
     assert set(model.held_out) <= set(model.kept_out) and len(model.held_out) >= (4 if spec == shipped.SPEC else 2)
     assert meta.total_episodes == episodes and meta.features[mw.IMAGE_KEY]["shape"][0] == model.image_size
     mw.check_tasks(model.held_out)
+    # every frame's file is in the package, not only the metadata (a data/ ignore rule once kept the
+    # frames of metaworld:smolvla out of the repository)
+    frames = pq.read_table(sorted((model.calibration_root / "data").rglob("*.parquet"))).num_rows
+    assert frames == meta.total_frames
+    for key in meta.video_keys:
+        assert list((model.calibration_root / "videos" / key).rglob("*.mp4")), f"{spec}: no video of {key}"
 
 
 def test_the_small_models_assets_fit_their_budget():
