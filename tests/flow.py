@@ -72,3 +72,17 @@ def assert_matches_skipped(source, pruned, removed, outputs, data):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunk, ref_chunk, rtol=1e-5, atol=1e-6)
     return loss, chunk
+
+
+def groot_loss_and_chunk(policy, data, seed=3):
+    """GR00T N1.7's masked flow loss at three times and a sampled chunk, both from fixed noise, through the
+    family's runner (which reproduces ``GR00TN17``'s own, tests/test_groot.py)."""
+    from vlaprune.core.family import action_chunk, flow_loss
+    from vlaprune.families import family_for
+
+    family = family_for(policy)
+    head = policy._groot_model.action_head
+    shape = (data["state"].shape[0], head.action_horizon, head.action_dim)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    time = torch.tensor([0.2, 0.5, 0.8])
+    return flow_loss(family, policy, data, noise, time), action_chunk(family, policy, data, noise)

@@ -18,11 +18,13 @@ from vlaprune.pipelines.config import CalibrationArgs, DatasetArgs, PlanArgs, Po
 from vlaprune.pipelines.prune import run_prune
 from vlaprune.studies.train import lerobot_train
 
-from .flow import assert_matches_skipped, batch
+from .flow import assert_matches_skipped, batch, groot_loss_and_chunk
 from .lerobot_data import make_dataset
 
 SPEC = "tiny:groot"
-DEPTHS = {"llm": 8, "vl_self_attention": 4, "dit": 8}
+DEPTHS = {"vision": 8, "llm": 8, "vl_self_attention": 4, "dit": 8}
+WITHOUT_VISION = {n: d for n, d in DEPTHS.items() if n != "vision"}  # what groot_pruned records by default
+HALF = {"vision": 8, "llm": 4, "vl_self_attention": 2, "dit": 4}  # the default stacks at ratio 0.5
 
 
 def _cfg(out, repo_id="synthetic", root=None, **plan):
@@ -32,26 +34,16 @@ def _cfg(out, repo_id="synthetic", root=None, **plan):
                        plan=PlanArgs(**plan), out=str(out))
 
 
-def _noise(policy, data, seed=3):
-    head = policy._groot_model.action_head
-    shape = (data["state"].shape[0], head.action_horizon, head.action_dim)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _outputs(policy, data):
-    family = family_for(policy)
-    noise = _noise(policy, data)
-    time = torch.tensor([0.2, 0.5, 0.8])
-    return flow_loss(family, policy, data, noise, time), action_chunk(family, policy, data, noise)
-
-
 def test_tiny_groot_has_the_n17_structure_and_seeded_weights(tiny):
     bundle = tiny(SPEC)
     family = family_for(bundle.policy)
     assert family.name == "groot" and family.depths(bundle.policy) == DEPTHS
     roles = family.roles(bundle.policy)
     assert roles == {"dit": ["cross-text", "self", "cross-image", "self"] * 2}
-    assert family.protected(bundle.policy) == {"llm": dict.fromkeys([0, 1, 2], family.protections[0].why)}
+    why = {rule.name: rule.why for rule in family.protections}
+    assert family.protected(bundle.policy) == {"llm": dict.fromkeys([0, 1, 2], why["deepstack"]),
+                                               "vision": {**dict.fromkeys([1, 3, 5], why["deepstack-vision"]),
+                                                          7: why["vision-merger"]}}
     again = load_policy(SPEC)
     other = load_policy(SPEC, seed=1)
     state, state_again, state_other = (b.policy.state_dict() for b in (bundle, again, other))
@@ -94,8 +86,9 @@ def test_prune_half_depth_gives_a_verified_checkpoint_that_reloads_identically(t
     config = json.loads((tmp_path / "p" / "config.json").read_text())
     assert manifest["family"] == "groot" and config["type"] == "groot_pruned"
     kept = {name: s["kept"] for name, s in manifest["stacks"].items()}
-    assert {name: len(k) for name, k in kept.items()} == {name: d // 2 for name, d in DEPTHS.items()}
-    assert config["kept_blocks"] == kept and config["source_depths"] == DEPTHS
+    assert {name: len(k) for name, k in kept.items()} == HALF
+    del kept["vision"]  # the vision tower kept whole: groot_pruned does not record it
+    assert config["kept_blocks"] == kept and config["source_depths"] == WITHOUT_VISION
     assert kept["llm"][:3] == [0, 1, 2]  # deepstack layers stay
     roles = ["cross-text", "self", "cross-image", "self"] * 2
     assert [roles[k] for k in kept["dit"]] == roles[: len(kept["dit"])]
@@ -104,13 +97,13 @@ def test_prune_half_depth_gives_a_verified_checkpoint_that_reloads_identically(t
     source = tiny(SPEC)
     reloaded = load_policy(str(tmp_path / "p"))
     assert type(reloaded.policy).__name__ == "GrootPrunedPolicy"
-    assert family_for(reloaded.policy).depths(reloaded.policy) == {n: d // 2 for n, d in DEPTHS.items()}
+    assert family_for(reloaded.policy).depths(reloaded.policy) == HALF
     data = batch(source)
     removed = {n: s["removed"] for n, s in manifest["stacks"].items()}
-    loss, chunk = assert_matches_skipped(source.policy, reloaded.policy, removed, _outputs, data)
-    full_loss, _ = _outputs(source.policy, data)
+    loss, chunk = assert_matches_skipped(source.policy, reloaded.policy, removed, groot_loss_and_chunk, data)
+    full_loss, _ = groot_loss_and_chunk(source.policy, data)
     assert not torch.allclose(loss, full_loss, atol=1e-3)  # the removed blocks did something
-    mem = _outputs(result.pruned, data)  # the in-memory pruned policy: bit-identical to the reload
+    mem = groot_loss_and_chunk(result.pruned, data)  # the in-memory pruned policy: bit-identical to the reload
     assert torch.equal(loss, mem[0]) and torch.equal(chunk, mem[1])
     # the stock processors and the pruned policy end to end, as lerobot-eval runs them
     actions = reloaded.policy.predict_action_chunk({k: v for k, v in data.items() if not k.startswith("action")})
@@ -141,12 +134,12 @@ def test_deepstack_layers_can_be_removed_knowingly(tmp_path, tiny):
     assert json.loads((tmp_path / "p" / "config.json").read_text())["deepstack_moved"] is True
     source = tiny(SPEC)
     data = batch(source)
-    reloaded = _outputs(load_policy(str(tmp_path / "p")).policy, data)
-    assert all(torch.equal(a, b) for a, b in zip(reloaded, _outputs(result.pruned, data), strict=True))
+    reloaded = groot_loss_and_chunk(load_policy(str(tmp_path / "p")).policy, data)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded, groot_loss_and_chunk(result.pruned, data), strict=True))
     # the features moved with the kept layers: skipping the removed layer alone computes something else
     with skip_blocks(source.policy, family_for(source.policy), removed_blocks(family_for(source.policy),
                                                                               source.policy, kept)):
-        skipped = _outputs(source.policy, data)
+        skipped = groot_loss_and_chunk(source.policy, data)
     assert not torch.allclose(skipped[1], reloaded[1], atol=1e-4)
     # a budget may now take deepstack layers too; and with as many layers kept as there are features,
     # the last one's feature is added after the layer the action head reads: not seen (verified)
@@ -195,13 +188,13 @@ def test_groot_pruned_config_validation():
     from lerobot_policy_vlaprune import GrootPrunedConfig
 
     kept = {"llm": [0, 1, 2, 5], "vl_self_attention": [0, 1], "dit": [0, 1, 2, 3]}
-    GrootPrunedConfig(device="cpu", kept_blocks=kept, source_depths=DEPTHS)
+    GrootPrunedConfig(device="cpu", kept_blocks=kept, source_depths=WITHOUT_VISION)
     with pytest.raises(ValueError, match=r"kept_blocks\['llm'\]=\[0, 2, 1, 5\] is not sorted"):
-        GrootPrunedConfig(device="cpu", kept_blocks={**kept, "llm": [0, 2, 1, 5]}, source_depths=DEPTHS)
+        GrootPrunedConfig(device="cpu", kept_blocks={**kept, "llm": [0, 2, 1, 5]}, source_depths=WITHOUT_VISION)
     with pytest.raises(ValueError, match=r"\[9\] outside range\(8\)"):
-        GrootPrunedConfig(device="cpu", kept_blocks={**kept, "dit": [0, 9]}, source_depths=DEPTHS)
+        GrootPrunedConfig(device="cpu", kept_blocks={**kept, "dit": [0, 9]}, source_depths=WITHOUT_VISION)
     with pytest.raises(ValueError, match="must name the stacks"):
-        GrootPrunedConfig(device="cpu", kept_blocks={"llm": [0]}, source_depths=DEPTHS)
+        GrootPrunedConfig(device="cpu", kept_blocks={"llm": [0]}, source_depths=WITHOUT_VISION)
 
 
 @pytest.mark.timeout(600)
@@ -209,13 +202,13 @@ def test_lerobot_train_trains_the_pruned_groot(tmp_path):
     root = tmp_path / "ds"
     make_dataset(root, episodes=3, frames=15, image_hw=48)
     pruned = tmp_path / "pruned"
-    run_prune(_cfg(pruned, repo_id="local/calib", root=str(root)))
+    run_prune(_cfg(pruned, repo_id="local/calib", root=str(root), stacks=["vision", "llm", "vl_self_attention", "dit"]))
     ckpt = lerobot_train(pruned, repo_id="local/calib", root=root, out=tmp_path / "train", steps=2, batch_size=2,
                          num_workers=0).checkpoint
     trained, before = load_policy(str(ckpt)), load_policy(str(pruned))
     family = family_for(trained.policy)
     assert trained.policy.config.type == "groot_pruned"
-    assert family.depths(trained.policy) == family.depths(before.policy)
+    assert family.depths(trained.policy) == family.depths(before.policy) == {n: d // 2 for n, d in DEPTHS.items()}
     changed = [k for k, v in trained.policy.state_dict().items() if not torch.equal(v, before.policy.state_dict()[k])]
     assert any(".transformer_blocks." in k for k in changed), "two training steps changed no DiT weight"
 
@@ -224,7 +217,7 @@ def test_lerobot_train_trains_the_pruned_groot(tmp_path):
     stock = get_policy_class("groot_pruned").from_pretrained(str(ckpt))
     stock.eval()
     data = batch(trained)
-    for a, b in zip(_outputs(trained.policy, data), _outputs(stock, data), strict=True):
+    for a, b in zip(groot_loss_and_chunk(trained.policy, data), groot_loss_and_chunk(stock, data), strict=True):
         assert torch.equal(a, b)
 
 
@@ -235,7 +228,8 @@ def test_cli_analyze_and_bench(tmp_path, capsys):
                  "--calibration.num_samples=4", "--calibration.batch_size=2"]) == 0
     analysis = json.loads((tmp_path / "a" / "analysis.json").read_text())
     assert {n: s["num_layers"] for n, s in analysis["stacks"].items()} == DEPTHS
-    assert analysis["family"] == "groot" and analysis["structure"]["protected"] == {"llm": [0, 1, 2]}
+    assert analysis["family"] == "groot"
+    assert analysis["structure"]["protected"] == {"llm": [0, 1, 2], "vision": [1, 3, 5, 7]}
     assert {f"cka_{n}.png" for n in DEPTHS} <= {p.name for p in (tmp_path / "a").iterdir()}
     assert main(["bench", f"--policy.path={SPEC}", "--ratio=0.5", "--rounds=1", "--warmup=0",
                  f"--out={tmp_path / 'bench.json'}"]) == 0

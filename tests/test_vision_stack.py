@@ -1,6 +1,7 @@
-"""The vision encoder as an opt-in stack (SmolVLA, pi0, pi0.5): planned only when named, pruned into a
-checkpoint that equals the source with the removed vision blocks skipped and reloads strictly (SmolVLA:
-the plugin type ``smolvla_pruned``; pi0 / pi0.5: ``pi0_pruned`` / ``pi05_pruned`` at the kept depth)."""
+"""The vision encoder as an opt-in stack (SmolVLA, pi0, pi0.5, GR00T N1.7): planned only when named,
+pruned into a checkpoint that equals the source with the removed vision blocks skipped and reloads
+strictly (SmolVLA: the plugin type ``smolvla_pruned``; pi0 / pi0.5: ``pi0_pruned`` / ``pi05_pruned`` at
+the kept depth; GR00T: ``groot_pruned`` with a fourth stack and its deepstack mergers remapped)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from vlaprune.pipelines.config import CalibrationArgs, DatasetArgs, PlanArgs, Po
 from vlaprune.pipelines.prune import run_prune
 
 from .conftest import TINY_SPECS
-from .flow import assert_matches_skipped, batch, loss_and_chunk
+from .flow import assert_matches_skipped, batch, groot_loss_and_chunk, loss_and_chunk
 from .lerobot_data import make_dataset
 
 KEPT = [0, 3, 4, 7]  # tiny:smolvla's expert roles alternate self/cross: each kept block keeps its role
@@ -153,3 +154,102 @@ def test_a_smolvla_pruned_checkpoint_that_does_not_fit_is_refused(tmp_path):
     save_file({k: v for k, v in tensors.items() if k != key}, weights, metadata={"format": "pt"})
     with pytest.raises(PrunedCheckpointError, match="missing"):
         load_policy(str(tmp_path / "p"))
+
+
+# ---- GR00T N1.7: Qwen3-VL's vision tower, deepstack mergers reading blocks 1, 3, 5 and the patch merger block 7
+
+GROOT_LANGUAGE = {"llm": [0, 1, 2, 5], "vl_self_attention": [0, 1], "dit": [0, 1, 2, 3]}
+GROOT_STACKS = ["vision", "llm", "vl_self_attention", "dit"]
+
+
+def _groot_cfg(out, spec="tiny:groot", dataset=None, **plan):
+    plan = {"ratio": 0.5, **plan} if not {"keep", "kept"} & set(plan) else plan
+    return PruneConfig(policy=PolicyArgs(path=str(spec)), dataset=dataset or DatasetArgs(repo_id="synthetic"),
+                       calibration=CalibrationArgs(num_samples=4, batch_size=2), holdout_samples=2,
+                       plan=PlanArgs(refine="off", **plan), out=str(out))
+
+
+@pytest.mark.parametrize(("vision", "taps"), [
+    ([1, 2, 3, 5, 7], [0, 2, 3]),  # the tapped blocks kept: each merger reads its block at the new position
+    ([0, 2, 4, 7], [0, 1, 2]),  # tapped blocks 1, 3, 5 removed: mergers read blocks 0, 2, 4, as the skipped source
+], ids=["taps-kept", "taps-removed"])
+def test_groot_pruned_vision_equals_the_source_with_its_blocks_skipped(vision, taps):
+    bundle = load_policy("tiny:groot")
+    source = bundle.policy
+    family = family_for(source)
+    with torch.no_grad():  # away from the initial values, so that equality means something
+        for p in family.layers(source, "vision").parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    plan = {"vision": vision, **GROOT_LANGUAGE}
+    pruned = remove_blocks(source, family, plan)
+
+    visual = pruned._groot_model.backbone.visual
+    assert len(visual.blocks) == len(vision) and visual.deepstack_visual_indexes == taps
+    assert pruned.config.kept_blocks["vision"] == vision and pruned.config.source_depths["vision"] == 8
+    data = batch(bundle)
+    removed = {name: [i for i in range(depth) if i not in plan[name]] for name, depth in family.depths(source).items()}
+    assert_matches_skipped(source, pruned, removed, groot_loss_and_chunk, data)
+    only_language = {name: [] if name == "vision" else blocks for name, blocks in removed.items()}
+    from vlaprune.core.surgery import skip_blocks
+
+    with skip_blocks(source, family, only_language):  # the removed vision blocks mattered: not a vacuous test
+        language_loss, _ = groot_loss_and_chunk(source, data)
+    assert (language_loss - groot_loss_and_chunk(pruned, data)[0]).abs().max() > 1e-4
+
+
+def test_groot_prune_with_the_vision_stack_writes_a_strict_checkpoint_that_composes(tmp_path):
+    result = run_prune(_groot_cfg(tmp_path / "p", stacks=GROOT_STACKS))
+    manifest = json.loads((tmp_path / "p" / "prune_manifest.json").read_text())
+    assert manifest["policy_type"] == "groot_pruned" and manifest["settings"]["stacks"] == GROOT_STACKS
+    # half of 8 vision blocks, with the 4 the mergers read protected: exactly those stay
+    assert manifest["stacks"]["vision"]["kept"] == [1, 3, 5, 7]
+    assert manifest["verify"]["chunk_max_abs_diff"] < 1e-4
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["kept_blocks"]["vision"] == [1, 3, 5, 7] and config["source_depths"]["vision"] == 8
+
+    source = load_policy("tiny:groot")
+    reloaded = load_policy(str(tmp_path / "p"))
+    assert reloaded.policy._groot_model.backbone.visual.deepstack_visual_indexes == [0, 1, 2]
+    data = batch(source)
+    removed = {name: s["removed"] for name, s in manifest["stacks"].items()}
+    loss, chunk = assert_matches_skipped(source.policy, reloaded.policy, removed, groot_loss_and_chunk, data)
+    mem_loss, mem_chunk = groot_loss_and_chunk(result.pruned, data)  # the in-memory pruned policy: bit-identical
+    assert torch.equal(loss, mem_loss) and torch.equal(chunk, mem_chunk)
+
+    # pruning again composes: the vision blocks are still named by their original indices
+    make_dataset(tmp_path / "ds", episodes=2, frames=10, image_hw=48)
+    again = run_prune(_groot_cfg(tmp_path / "q", spec=tmp_path / "p", keep={"llm": 3, "vl_self_attention": 1, "dit": 2},
+                                 dataset=DatasetArgs(repo_id="local/calib", root=str(tmp_path / "ds"))))
+    assert again.pruned.config.kept_blocks["vision"] == [1, 3, 5, 7]
+    assert again.manifest.stacks["vision"].kept_original == (1, 3, 5, 7)
+
+
+def test_groot_vision_rules_name_the_fix(tmp_path):
+    kept = {"vision": [0, 1, 3, 5, 6], **GROOT_LANGUAGE}  # drops block 7, which the patch merger reads
+    with pytest.raises(ValueError, match=r"vision-merger"):
+        run_prune(_groot_cfg(tmp_path / "bad", kept=kept))
+    kept = {"vision": [0, 2, 4, 7], **GROOT_LANGUAGE}  # drops 1, 3, 5, which the deepstack mergers read
+    with pytest.raises(ValueError, match=r"deepstack-vision"):
+        run_prune(_groot_cfg(tmp_path / "bad", kept=kept))
+    assert not (tmp_path / "bad").exists()
+    allowed = run_prune(_groot_cfg(tmp_path / "ok", kept=kept, allow=["deepstack-vision"]))
+    assert allowed.pruned._groot_model.backbone.visual.deepstack_visual_indexes == [0, 1, 2]
+    # lifted, but two mergers would read one block: the pruned model cannot express that
+    with pytest.raises(ValueError, match=r"would read the same kept blocks"):
+        run_prune(_groot_cfg(tmp_path / "bad", kept={"vision": [0, 7], **GROOT_LANGUAGE}, allow=["deepstack-vision"]))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_groot_pruned_vision_checkpoint_that_does_not_fit_is_refused(tmp_path):
+    from lerobot_policy_vlaprune import GrootPrunedConfig
+
+    run_prune(_groot_cfg(tmp_path / "p", kept={"vision": [1, 3, 5, 7], **GROOT_LANGUAGE}))
+    path = tmp_path / "p" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "source_depths": {**config["source_depths"], "vision": 12}}))
+    with pytest.raises(PrunedCheckpointError, match=r"has 8 vision blocks, but this checkpoint was pruned from one "
+                                                    r"with 12 \(source_depths\['vision'\]"):
+        load_policy(str(tmp_path / "p"))
+    depths = {k: v for k, v in config["source_depths"].items() if k != "vision"}
+    with pytest.raises(ValueError, match="'vision' in both or neither"):
+        GrootPrunedConfig(device="cpu", kept_blocks=config["kept_blocks"], source_depths=depths)

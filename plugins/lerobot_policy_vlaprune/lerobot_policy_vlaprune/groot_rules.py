@@ -9,6 +9,10 @@ planner accepts is exactly one the loader builds.
   position of the other kind runs and is silently wrong.
 - Deepstack visual features (one per entry of the vision config's ``deepstack_visual_indexes``) are
   added to the residual stream after language layers 0, 1, 2, ... by loop position.
+- The vision tower (Qwen3-VL's ``visual.blocks``, optional stack ``vision``): deepstack merger k reads
+  the output of vision block ``deepstack_visual_indexes[k]`` (a loop position, matched by equality),
+  and the patch merger (the connector) the output of the last block. Its depth lives in the Qwen3-VL
+  config that ``model_name`` names, not in GR00T's.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-# vlaprune's stack names → the base-model config entry (dotted into nested dicts) that holds its depth
+# vlaprune's stack names → the base-model config entry (dotted into nested dicts) that holds its depth;
+# every groot_pruned checkpoint names these, and optionally VISION
 GROOT_STACKS: dict[str, str] = {
     "llm": "select_layer",
     "vl_self_attention": "vl_self_attention_cfg.num_layers",
     "dit": "diffusion_model_cfg.num_layers",
 }
+VISION = "vision"  # Qwen3-VL's vision blocks: depth in the backbone's vision config (``depth``)
 
 
 def dit_role(model_config: Any, index: int) -> str:
@@ -61,3 +67,27 @@ def check_deepstack(qwen_config: Any, kept_llm: Sequence[int]) -> None:
             "enter the kept layers at those positions): vlaprune prune --plan.allow='[deepstack]', which writes "
             "deepstack_moved: true into the groot_pruned config"
         )
+
+
+def vision_taps(vision_config: Any) -> list[int]:
+    """The vision blocks whose outputs the deepstack mergers read, in a Qwen3-VL vision config."""
+    return list(vision_config.deepstack_visual_indexes or [])
+
+
+def remap_vision_taps(taps: Sequence[int], kept: Sequence[int]) -> list[int]:
+    """Where deepstack merger k reads in a vision tower keeping ``kept`` (original indices): the position
+    of the last kept block at or before ``taps[k]``, which is what the source computes there with the
+    removed blocks skipped (a kept tap block keeps its own output). Raise ValueError when a merger would
+    read no block, or two the same one."""
+    positions = []
+    for tap in taps:
+        before = [pos for pos, original in enumerate(kept) if original <= tap]
+        if not before:
+            raise ValueError(f"deepstack vision rule: merger of vision block {tap} reads no kept block (kept vision "
+                             f"blocks {list(kept)}): keep a block at or before {tap}")
+        positions.append(before[-1])
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"deepstack vision rule: the mergers of vision blocks {list(taps)} would read the same "
+                         f"kept blocks (positions {positions} of kept {list(kept)}): keep a block between each pair "
+                         "of tapped blocks")
+    return positions

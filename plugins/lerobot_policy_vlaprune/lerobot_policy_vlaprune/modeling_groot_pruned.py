@@ -8,7 +8,9 @@ self-attention's ``num_layers`` set to the kept counts (no base weights are read
 kept blocks are checked against the base model: source depths equal, every kept DiT block keeps its
 role (self-attention, cross-attention to text or to image tokens, decided by position and not
 caught by shapes), the language layers that receive deepstack visual features kept (unless the
-config says they were removed on purpose, ``deepstack_moved``). Training,
+config says they were removed on purpose, ``deepstack_moved``). A pruned vision tower (the ``vision``
+stack) keeps its first K blocks, and its deepstack mergers read where the kept blocks put their
+inputs. Training,
 ``select_action`` and processors are the stock GR00T ones.
 """
 
@@ -21,7 +23,7 @@ from lerobot.policies.groot.modeling_groot import GrootPolicy
 
 from .checks import PrunedCheckpointError, get_path, set_path
 from .configuration_groot_pruned import GrootPrunedConfig
-from .groot_rules import GROOT_STACKS, check_deepstack, check_dit_roles
+from .groot_rules import GROOT_STACKS, VISION, check_deepstack, check_dit_roles, remap_vision_taps, vision_taps
 from .pruned import StrictLoadMixin
 
 
@@ -31,10 +33,11 @@ def build_pruned_model(config: GrootPrunedConfig) -> Any:
 
     model_config = GR00TN17Config.from_pretrained(config.base_model_path)
     source = {stack: get_path(model_config, path) for stack, path in GROOT_STACKS.items()}
-    if source != config.source_depths:
+    recorded = {stack: config.source_depths[stack] for stack in GROOT_STACKS}  # the vision depth: below
+    if source != recorded:
         raise PrunedCheckpointError(
             f"the base model {config.base_model_path} has depths {source}, but this checkpoint was pruned from "
-            f"one with {config.source_depths} (source_depths in config.json): set base_model_path to the base "
+            f"one with {recorded} (source_depths in config.json): set base_model_path to the base "
             "model it was pruned from"
         )
     check_dit_roles(model_config, config.kept_blocks["dit"])
@@ -43,7 +46,27 @@ def build_pruned_model(config: GrootPrunedConfig) -> Any:
     model = build_model(config, model_config)
     if not config.deepstack_moved:
         check_deepstack(model.backbone.model.config, config.kept_blocks["llm"])
+    if VISION in config.kept_blocks:
+        prune_vision_tower(model.backbone.visual, config.kept_blocks[VISION], config.source_depths[VISION],
+                           model_config.model_name)
     return model
+
+
+def prune_vision_tower(visual: Any, kept: list[int], source_depth: int, model_name: str) -> None:
+    """Keep ``len(kept)`` blocks of a Qwen3-VL vision tower (the checkpoint fills them) and point each
+    deepstack merger at the kept block that now carries its input (``remap_vision_taps``)."""
+    built = len(visual.blocks)
+    if built != source_depth:
+        raise PrunedCheckpointError(
+            f"the backbone {model_name} has {built} vision blocks, but this checkpoint was pruned from one with "
+            f"{source_depth} (source_depths['vision'] in config.json): set model_name to the backbone it was "
+            "pruned from"
+        )
+    taps = remap_vision_taps(vision_taps(visual.config), kept)
+    del visual.blocks[len(kept):]
+    visual.deepstack_visual_indexes = taps
+    visual.config.depth = len(kept)
+    visual.config.deepstack_visual_indexes = taps
 
 
 def build_model(config: Any, model_config: Any) -> Any:

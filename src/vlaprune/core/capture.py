@@ -86,7 +86,8 @@ class ResidualRecorder:
             if not isinstance(hidden, Tensor):
                 raise CaptureError(f"stack {self.spec.name!r}: stream point {index} got no hidden-state tensor")
             if self.spec.per_image:  # one call per camera image: stacked as examples
-                self._calls[index].append(hidden.detach())
+                # (tokens, dim): every image of the pass in one flat sequence (Qwen3-VL), one example
+                self._calls[index].append(hidden.detach() if hidden.dim() == 3 else hidden.detach()[None])
                 return
             if self._slots[index] is not None:
                 raise CaptureError(

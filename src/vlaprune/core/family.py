@@ -43,8 +43,9 @@ class StackSpec:
     # block an exact identity, which is how a removed block is "skipped" without surgery (verify)
     residual_branches: tuple[str, ...] = ("self_attn.o_proj", "mlp")
     final_output: str | None = None
-    # the stack runs once per camera image in the prefix pass (a vision encoder): the states of every
-    # call of a pass are stacked as examples, every token real
+    # the stack runs over the camera images in the prefix pass (a vision encoder), once per image with
+    # (images, tokens, dim) states or once over one flat (tokens, dim) sequence of all of them: the states
+    # of every call of a pass are stacked as examples (a flat sequence is one example), every token real
     per_image: bool = False
     # planned only when the user names it (``--plan.stacks``); a plan that does not name it keeps all of it
     opt_in: bool = False

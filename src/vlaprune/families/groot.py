@@ -7,6 +7,13 @@ Rules (docs/families.md):
   residual stream after text layers 0, 1, 2 *by loop position*: those layers are protected, or a
   feature would silently enter another layer. The action head reads the last kept layer's output.
 - ``vl_self_attention``: the action head's self-attention blocks over the VL tokens. No role rule.
+- ``vision`` (opt-in): the Qwen3-VL vision blocks, run once over every camera image of a batch as one
+  flat sequence of patches. Deepstack merger k reads the output of vision block
+  ``deepstack_visual_indexes[k]`` (5, 11, 17 in N1.7) and the patch merger (the connector) the last
+  block's: those blocks are protected (``deepstack-vision``, ``vision-merger``). Lifted knowingly, each
+  merger reads the last kept block before its tap, which is what the source computes with the removed
+  blocks skipped. The depth lives in the Qwen3-VL config, so ``groot_pruned`` records it as a fourth
+  stack and remaps ``deepstack_visual_indexes`` to the kept positions.
 - ``dit``: the AlternateVLDiT. Odd blocks self-attend (no cross-attention weights: shape-checked),
   even blocks cross-attend, to the text tokens when ``idx % (2·attend_text_every_n_blocks) == 0``
   and to the image tokens otherwise. The text/image choice is made by position at run time and has
@@ -28,12 +35,13 @@ import torch
 from torch import Tensor
 
 from lerobot_policy_vlaprune import GrootPrunedConfig
-from lerobot_policy_vlaprune.groot_rules import GROOT_STACKS, deepstack_layers, dit_role
+from lerobot_policy_vlaprune.groot_rules import GROOT_STACKS, VISION, deepstack_layers, dit_role, vision_taps
 from lerobot_policy_vlaprune.pruned import config_as
 from vlaprune.core.family import Family, PrefixPass, Protection, RoleRule, StackSpec, check_positions, register_family
 
 _MODEL = "_groot_model"
 _LLM = f"{_MODEL}.backbone.model.model.language_model"
+_VISUAL = f"{_MODEL}.backbone.model.model.visual"
 _VLSA = f"{_MODEL}.action_head.vl_self_attention"
 _DIT = f"{_MODEL}.action_head.model"
 _DIT_BRANCHES = ("attn1", "ff")  # BasicTransformerBlock: x + attn1(norm1(x)), then x + ff(norm3(x))
@@ -137,12 +145,13 @@ class GrootSurgeon:
         for name, positions in kept.items():
             check_positions(f"kept {name} blocks", positions, depths[name])
         source = policy.config
-        if isinstance(source, GrootPrunedConfig):
-            original = {name: [source.kept_blocks[name][i] for i in kept[name]] for name in depths}
-            source_depths = dict(source.source_depths)
-        else:
-            original = {name: list(kept[name]) for name in depths}
-            source_depths = depths
+        recorded = source.kept_blocks if isinstance(source, GrootPrunedConfig) else {}
+        # positions → original indices; a stack the source never pruned is at its original depth
+        original = {name: [recorded[name][i] for i in kept[name]] if name in recorded else list(kept[name])
+                    for name in depths}
+        source_depths = {**depths, **(source.source_depths if recorded else {})}
+        if original[VISION] == list(range(source_depths[VISION])):  # the vision tower whole: no record
+            del original[VISION], source_depths[VISION]
         deepstack = deepstack_layers(policy._groot_model.backbone.model.config)
         moved = original["llm"][: len(deepstack)] != deepstack  # only a plan allowed to do so gets here
         return config_as(GrootPrunedConfig, source, kept_blocks=original, source_depths=source_depths,
@@ -156,6 +165,14 @@ class GrootSurgeon:
 
 def _deepstack_protected(policy: Any) -> list[int]:
     return deepstack_layers(policy._groot_model.backbone.model.config)
+
+
+def _vision_taps(policy: Any) -> list[int]:
+    return vision_taps(policy._groot_model.backbone.visual.config)  # positions, in a pruned tower too
+
+
+def _vision_last(policy: Any) -> list[int]:
+    return [len(policy._groot_model.backbone.visual.blocks) - 1]
 
 
 @contextmanager
@@ -203,6 +220,10 @@ GROOT = register_family(
         name="groot",
         policy_types=("groot", "groot_pruned"),
         stacks=(
+            StackSpec(VISION, f"{_VISUAL}.blocks", f"{_VISUAL}.merger", input_norm="norm1",
+                      residual_branches=("attn.proj", "mlp"), per_image=True, opt_in=True,
+                      description="Qwen3-VL vision blocks (deepstack mergers read 5, 11, 17; the patch merger "
+                                  "the last)"),
             StackSpec("llm", f"{_LLM}.layers", f"{_LLM}.norm", depth_key=GROOT_STACKS["llm"],
                       description="Qwen3-VL language layers up to select_layer (deepstack features enter 0-2)"),
             StackSpec("vl_self_attention", f"{_VLSA}.transformer_blocks", None, input_norm="norm1",
@@ -213,7 +234,7 @@ GROOT = register_family(
                       residual_branches=_DIT_BRANCHES, depth_key=GROOT_STACKS["dit"],
                       description="AlternateVLDiT blocks: odd self-attention, even cross-attention to text/image"),
         ),
-        prefix_stacks=("llm", "vl_self_attention"),
+        prefix_stacks=(VISION, "llm", "vl_self_attention"),
         expert_stacks=("dit",),
         role_rules=(
             RoleRule(
@@ -229,6 +250,12 @@ GROOT = register_family(
                        why="deepstack visual features are added after these language layers by position; "
                            "--plan.allow='[deepstack]' removes them anyway, the features then enter the kept "
                            "layers at those positions"),
+            Protection(name="deepstack-vision", stack=VISION, blocks=_vision_taps,
+                       why="a deepstack merger reads this vision block's output; --plan.allow='[deepstack-vision]' "
+                           "removes it anyway, the merger then reads the last kept block before it"),
+            Protection(name="vision-merger", stack=VISION, blocks=_vision_last,
+                       why="the patch merger (the connector to the language model) reads the last vision block's "
+                           "output; --plan.allow='[vision-merger]' removes it anyway"),
         ),
         notes=(
             "depths live in the base model's config (select_layer, diffusion_model_cfg.num_layers, "
