@@ -366,13 +366,32 @@ def summarize(records: dict[str, dict[str, Any]], variants: list[tuple[str, floa
         if row["success"]:
             row["success_mean"], row["success_sd"] = _mean_sd(row["success"])
         rows.append(row)
+    full = next((r for r in rows if r["method"] == FULL), None)
+    for row in rows:
+        if full is not None and row is not full:
+            row["vs_full"] = paired_difference(dict(zip(row["seeds"], row["success"], strict=True)),
+                                               dict(zip(full["seeds"], full["success"], strict=True)))
     return rows
 
 
+def paired_difference(success: dict[int, float], full: dict[int, float]) -> dict[str, Any] | None:
+    """A variant's success minus the full model's at the same seeds: each seed fine-tunes with the same
+    seed and evaluates at the same episode positions, so the difference drops what a seed does to both.
+    Mean and standard error over the seeds both have (None without any)."""
+    seeds = sorted(set(success) & set(full))
+    if not seeds:
+        return None
+    differences = [success[s] - full[s] for s in seeds]
+    mean, sd = _mean_sd(differences)
+    return {"seeds": seeds, "differences": differences, "mean": mean,
+            "se": sd / len(seeds) ** 0.5 if len(seeds) > 1 else None}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| variant | depth kept | success, fine-tuned (mean ± sd) | per seed | training-free | "
-             "fine-tune s/step (lerobot-train) | train-step ratio | chunk ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | depth kept | success, fine-tuned (mean ± sd) | per seed | minus full, same seeds "
+             "(mean ± se, points) | training-free | fine-tune s/step (lerobot-train) | train-step ratio | "
+             "chunk ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["timing"]
         if len(r["success"]) > 1:
@@ -387,7 +406,15 @@ def table(rows: list[dict[str, Any]]) -> str:
             ratios = "1.00 | 1.00"
         else:
             ratios = f"{t['train_step_ratio']:.2f} | {t['inference_ratio']:.2f}" if t else "– | –"
-        lines.append(f"| {r['variant']} | {r['depth']:.0%} | {succ} | {seeds} | {free} | {step} | {ratios} |")
+        paired = r.get("vs_full")
+        if paired is None:
+            versus = "–"
+        else:
+            spread = f" ± {100 * paired['se']:.1f}" if paired["se"] is not None else ""
+            count = len(paired["seeds"])
+            versus = f"{100 * paired['mean']:+.1f}{spread} ({count} seed{'s' * (count > 1)})"
+        cells = [r["variant"], f"{r['depth']:.0%}", succ, seeds, versus, free, step, ratios]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

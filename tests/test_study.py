@@ -57,7 +57,12 @@ def test_summary_is_mean_and_sd_over_seeds(tmp_path):
     assert rows[0]["success"] == [0.5, 0.7] and rows[0]["success_mean"] == pytest.approx(0.6)
     assert rows[0]["success_sd"] == pytest.approx(0.1414, abs=1e-4) and rows[1]["depth"] == 0.5
     text = study.table(rows)
-    assert "| cka-dp@0.5 | 50% | 70.0% ± 14.1% | 60% / 80% |" in text
+    assert "| cka-dp@0.5 | 50% | 70.0% ± 14.1% | 60% / 80% | +10.0 ± 0.0 (2 seeds) |" in text
+    assert rows[1]["vs_full"]["differences"] == pytest.approx([0.1, 0.1]) and "vs_full" not in rows[0]
+    # seed-matched: only the seeds both have count, one of them gives no standard error
+    one = study.paired_difference({0: 0.4, 1: 0.9}, {0: 0.5, 2: 0.1})
+    assert one == {"seeds": [0], "differences": [pytest.approx(-0.1)], "mean": pytest.approx(-0.1), "se": None}
+    assert study.paired_difference({1: 0.4}, {0: 0.5}) is None
     study.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
 
