@@ -455,7 +455,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write_results(out: Path, args: argparse.Namespace, records: dict[str, dict[str, Any]],
                   variants: list[tuple[str, float | None]]) -> None:
-    rows = summarize(records, variants)
+    rows = [r for r in summarize(records, variants)  # variants with no unit recorded yet are left out
+            if r["success"] or r["training_free_success"] is not None or r["timing"]]
     machine = machine_description(args.device)
     held_out = list(shipped.get(args.policy).held_out)
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "held_out": held_out,

@@ -118,6 +118,16 @@ def test_the_table_keeps_variants_recorded_by_earlier_runs(tmp_path):
     assert s.reported(records) == [("full", None), ("first-k", 0.5), ("loss", 0.5)]
 
 
+def test_results_leave_out_variants_with_no_unit_yet(tmp_path):
+    records = {f"finetuned/{name}/s0": {"key": f"finetuned/{name}/s0", "kind": "finetuned", "method": method,
+                                        "ratio": ratio, "seed": 0, "evaluation": _evaluation(0.5), "update_s": 0.3}
+               for name, method, ratio in (("full", "full", None), ("cka-dp@0.5", "cka-dp", 0.5))}
+    study.write_results(tmp_path, _args(tmp_path), records, [("full", None), ("first-k", 0.25), ("cka-dp", 0.5)])
+    table = (tmp_path / "table.md").read_text()
+    assert "| cka-dp@0.5 |" in table and "first-k" not in table
+    assert [r["variant"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]] == ["full", "cka-dp@0.5"]
+
+
 def test_a_variant_with_another_variants_plan_shares_its_unit_at_the_same_seed():
     loss = {"key": "finetuned/loss@0.5/s0", "kind": "finetuned", "method": "loss", "ratio": 0.5, "seed": 0,
             "kept": {"vlm": [0, 3]}, "evaluation": _evaluation(0.4)}
