@@ -79,7 +79,7 @@ _TINY_TEXT = {
     "rope_theta": 10000, "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": True,
     "rope_scaling": {"mrope_interleaved": True, "mrope_section": [4, 2, 2], "rope_type": "default"},
 }
-_TINY_VISION = {  # 8 blocks, deepstack mergers reading 1, 3, 5 (every 6th from 5 of 24 in N1.7)
+_TINY_VISION = {  # 8 blocks, deepstack mergers reading 1, 3, 5 (N1.7: 24 blocks, mergers reading 5, 11, 17)
     "deepstack_visual_indexes": [1, 3, 5], "depth": 8, "hidden_size": 32, "intermediate_size": 64,
     "num_heads": 2, "num_position_embeddings": 64, "out_hidden_size": 64, "patch_size": 8,
     "spatial_merge_size": 2, "temporal_patch_size": 2, "hidden_act": "gelu_pytorch_tanh",
