@@ -23,16 +23,28 @@ runtime shims, all applied here and only to the alias package:
 ``GR00TN15.from_pretrained`` (LeRobot's port of the Isaac-GR00T loader) is lenient: missing tensors
 are re-initialised, unexpected ones dropped, with a printed report. :func:`load_checkpoint` wraps it
 and refuses any checkpoint whose tensors do not cover the model exactly.
+
+The vision encoder's depth is not in the checkpoint's ``config.json``: the Eagle backbone builds its
+SigLIP tower from the Eagle 2.5 VL config directory that ``backbone_cfg.tokenizer_assets_repo`` names
+under ``HF_LEROBOT_HOME`` (an absolute path is taken as is). A checkpoint with a pruned vision encoder
+therefore carries its own copy of that directory as ``eagle/`` (with ``vision_config.num_hidden_layers``
+set to the kept count, and the marker ``vlaprune_eagle.json``). Its ``config.json`` names the
+content-addressed copy in vlaprune's cache where the checkpoint was written (so Isaac-GR00T's own loader
+reads it there), and :func:`load_checkpoint` rebuilds that copy from ``eagle/`` wherever the checkpoint
+is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import os
+import shutil
 import sys
 import types
 import zipfile
@@ -194,10 +206,60 @@ def load() -> types.ModuleType:
     return module
 
 
+EAGLE_DIR = "eagle"  # a checkpoint's own Eagle config directory, where its vision encoder is pruned
+_EAGLE_MARKER = "vlaprune_eagle.json"
+
+
+def eagle_dir(config: Any) -> Path:
+    """The Eagle 2.5 VL config directory a ``GR00TN15Config``'s backbone builds from (as ``EagleBackbone`` finds it)."""
+    from lerobot.utils.constants import HF_LEROBOT_HOME
+
+    return Path(HF_LEROBOT_HOME) / config.backbone_cfg["tokenizer_assets_repo"]
+
+
+def carries_eagle(config: Any) -> bool:
+    """Whether a model built from ``config`` reads a vlaprune-made Eagle directory (its vision encoder pruned),
+    which its checkpoint must carry."""
+    return (eagle_dir(config) / _EAGLE_MARKER).is_file()
+
+
+def eagle_copy(files: Path, eagle: dict[str, Any]) -> Path:
+    """A content-addressed directory in vlaprune's cache holding the files of the Eagle directory ``files``
+    with ``config.json`` replaced by ``eagle`` (the Eagle 2.5 VL config) and the vlaprune marker."""
+    from vlaprune.io.cache import generated_dir
+
+    if not (files / "config.json").is_file():
+        raise FileNotFoundError(f"{files} is not an Eagle config directory (no config.json)")
+    names = sorted(p.name for p in files.iterdir() if p.is_file() and p.name not in ("config.json", _EAGLE_MARKER))
+
+    def write(tmp: Path) -> None:
+        for name in names:
+            shutil.copy2(files / name, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(eagle, indent=1))
+        marker = {"vision_num_hidden_layers": eagle["vision_config"]["num_hidden_layers"]}
+        (tmp / _EAGLE_MARKER).write_text(json.dumps(marker, indent=1))
+
+    digests = {name: hashlib.sha256((files / name).read_bytes()).hexdigest() for name in names}
+    return generated_dir("eagle-n15", {"eagle": eagle, "files": digests}, marker=_EAGLE_MARKER, write=write)
+
+
+def vision_pruned_eagle(config: Any, vision_depth: int) -> Path:
+    """The Eagle directory of ``config``'s backbone with its SigLIP tower at ``vision_depth`` layers."""
+    source = eagle_dir(config)
+    eagle = json.loads((source / "config.json").read_text())
+    select = eagle.get("select_layer", -1)
+    if select != -1:
+        raise ValueError(
+            f"this GR00T N1.5's Eagle backbone reads vision layer {select} (select_layer in {source / 'config.json'}), "
+            "not the tower's output: vlaprune prunes its vision encoder only when select_layer is -1; leave "
+            "'vision' out of --plan.stacks"
+        )
+    eagle["vision_config"] = {**eagle["vision_config"], "num_hidden_layers": vision_depth}
+    return eagle_copy(source, eagle)
+
+
 def is_n15_checkpoint(path: str | Path) -> bool:
     """A directory holding an Isaac-GR00T N1.5 checkpoint (``config.json`` with ``model_type`` gr00t_n1_5)."""
-    import json
-
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
@@ -210,7 +272,14 @@ def load_checkpoint(path: str | Path) -> Any:
     from lerobot_policy_vlaprune.checks import check_weights
 
     module = load()
-    model = module.GR00TN15.from_pretrained(str(path))
+    own = Path(path) / EAGLE_DIR
+    if (own / _EAGLE_MARKER).is_file():  # its own Eagle config (a pruned vision encoder): read it from there
+        config = module.GR00TN15Config.from_pretrained(str(path))
+        eagle = json.loads((own / "config.json").read_text())
+        config.backbone_cfg = {**config.backbone_cfg, "tokenizer_assets_repo": str(eagle_copy(own, eagle))}
+        model = module.GR00TN15.from_pretrained(str(path), config=config)
+    else:
+        model = module.GR00TN15.from_pretrained(str(path))
     check_weights(model, Path(path) / "model.safetensors", "the GR00T N1.5 model its config.json builds")
     return model.eval()
 
@@ -223,7 +292,8 @@ class N15Policy(nn.Module):
     / ``reset`` as LeRobot policies have them. The batch holds the model's own inputs (``eagle_*``
     tensors, ``state`` (B, 1, max_state_dim), ``embodiment_id``, and ``action`` / ``action_mask`` for
     training). ``save_pretrained`` writes the model alone in the Isaac-GR00T layout (``config.json`` +
-    ``model.safetensors``), which ``GR00TN15.from_pretrained`` reads.
+    ``model.safetensors``), which ``GR00TN15.from_pretrained`` reads, and the model's Eagle directory
+    (``eagle/``) where its vision encoder is pruned.
     """
 
     def __init__(self, model: Any) -> None:
@@ -253,6 +323,12 @@ class N15Policy(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.model.save_pretrained(str(directory))
+        if carries_eagle(self.config):
+            own = Path(directory) / EAGLE_DIR
+            own.mkdir()
+            source = eagle_dir(self.config)
+            for name in sorted(p.name for p in source.iterdir() if p.is_file()):
+                shutil.copy2(source / name, own / name)
 
 
 _MODEL_KEYS = ("state", "embodiment_id", "action", "action_mask")

@@ -3,7 +3,7 @@
 The model is ``GR00TN15`` from :mod:`vlaprune.families.isaac_n15` (Isaac-GR00T's N1.5 as LeRobot ported it),
 at N1.5's depths: 12 language layers kept by ``select_layer`` (of 14 built), 4 VL self-attention
 blocks, 16 DiT blocks, so the paper's hand-picked plan applies as is, but at tiny widths (Qwen3
-text width 64, a one-layer SigLIP on 28 px frames, 4 image tokens). Its Eagle 2.5 VL config is
+text width 64, a four-layer SigLIP on 28 px frames, 4 image tokens). Its Eagle 2.5 VL config is
 generated into the cache (the Eagle backbone reads ``config.json`` from ``tokenizer_assets_repo``);
 the tokenizer and image processor are not needed: calibration batches carry the model's own inputs
 (``eagle_input_ids`` with the image tokens, ``eagle_pixel_values``, ...), seeded. Weights are seeded,
@@ -27,7 +27,7 @@ _FORMAT_VERSION = 1
 WIDTH, TEXT_LAYERS, SELECT_LAYER = 64, 14, 12
 IMAGE_TOKEN, IMAGE_SIZE, PATCH = 200, 28, 14  # (28 / 14)^2 = 4 image tokens per frame, no pixel shuffle
 ACTION_DIM, HORIZON, STATE_DIM, SEQUENCE = 8, 4, 10, 12
-DIT_LAYERS, VLSA_LAYERS = 16, 4
+DIT_LAYERS, VLSA_LAYERS, VISION_LAYERS = 16, 4, 4
 
 _EAGLE = {
     "architectures": ["Eagle25VLForConditionalGeneration"],
@@ -42,7 +42,7 @@ _EAGLE = {
                     "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256, "max_position_embeddings": 128,
                     "tie_word_embeddings": True, "use_cache": False, "rms_norm_eps": 1e-6, "rope_theta": 1000000},
     "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                      "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": IMAGE_SIZE,
+                      "num_hidden_layers": VISION_LAYERS, "num_attention_heads": 2, "image_size": IMAGE_SIZE,
                       "patch_size": PATCH, "num_channels": 3},
 }
 # Files the Eagle backbone would otherwise try to download next to its config (tokenizer, processor).
