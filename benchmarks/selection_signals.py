@@ -10,8 +10,11 @@ For every distinct plan a quality study fine-tuned (``benchmarks/metaworld_study
   (``--plan.method=loss`` and ``--plan.refine=loss``).
 
 Then Spearman's rank correlation between each signal (negated: lower is better) and the fine-tuned
-success, over the units (one per plan and seed) and over the plans (success averaged over seeds). The
-signal with the highest correlation over the units is the one ``--plan.refine`` should pick by.
+success, over the units (one per plan and seed), over the plans (success averaged over seeds), and
+seed-matched: over the units whose seed has a fine-tuned full model, of the success minus that full
+model's (the seeds differ in difficulty by several points, which the pooled figures mix into the
+plans' ranks). The signal with the highest seed-matched correlation is the one ``--plan.refine``
+should pick by.
 
     python benchmarks/selection_signals.py --study outputs/mw_study_pretrained \\
         --out benchmarks/results/selection_signals_cpu.json
@@ -47,15 +50,20 @@ SIGNALS = ("cka_cost", "damage", "loss_increase")
 
 
 def study_units(records_path: Path) -> list[dict[str, Any]]:
-    """The pruned, fine-tuned units of a study: one per plan and seed (a shared unit counts once)."""
+    """The pruned, fine-tuned units of a study: one per plan and seed (a shared unit counts once), each
+    with ``vs_full``, its success minus the full model's at the same seed (None where that is not run)."""
     units: dict[tuple[str, int], dict[str, Any]] = {}
-    for line in records_path.read_text().splitlines():
-        record = json.loads(line)
+    records = [json.loads(line) for line in records_path.read_text().splitlines()]
+    full = {r["seed"]: r["evaluation"]["success_rate"] for r in records
+            if r["kind"] == "finetuned" and r["method"] == "full"}
+    for record in records:
         if record["kind"] != "finetuned" or "kept" not in record:
             continue
         key = (json.dumps(record["kept"], sort_keys=True), record["seed"])
+        success = record["evaluation"]["success_rate"]
+        vs_full = None if record["seed"] not in full else success - full[record["seed"]]
         unit = units.setdefault(key, {"kept": record["kept"], "seed": record["seed"], "variants": [],
-                                      "success": record["evaluation"]["success_rate"]})
+                                      "success": success, "vs_full": vs_full})
         unit["variants"].append(f"{record['method']}@{record['ratio']:g}")
     return list(units.values())
 
@@ -112,7 +120,9 @@ def main() -> None:
     result = {"study": str(args.study), "policy": args.policy, "machine": machine_description("cpu"),
               "full_loss": loss.full, "holdout_samples": holdout_config.num_samples,
               "correlation_over_units": correlations(units, "success"),
-              "correlation_over_plans": correlations(rows, "success_mean"), "plans": rows}
+              "correlation_over_plans": correlations(rows, "success_mean"),
+              "correlation_seed_matched": correlations([u for u in units if u["vs_full"] is not None], "vs_full"),
+              "plans": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     text = table(result)
@@ -132,10 +142,11 @@ def table(result: dict[str, Any]) -> str:
                      f"{p['loss_increase']:+.4f} |")
     lines += ["", "| Spearman ρ with success (lower signal = better) | cka-dp cost | chunk damage | loss increase |",
               "|---|---|---|---|"]
-    for over in ("units", "plans"):
-        c = result[f"correlation_over_{over}"]
+    for label, key in (("units", "correlation_over_units"), ("plans", "correlation_over_plans"),
+                       ("units, seed-matched (success − the full model's at that seed)", "correlation_seed_matched")):
+        c = result[key]
         cells = " | ".join("–" if c[s]["rho"] is None else f"{c[s]['rho']:+.2f}" for s in SIGNALS)
-        lines.append(f"| over {c['cka_cost']['n']} {over} | {cells} |")
+        lines.append(f"| over {c['cka_cost']['n']} {label} | {cells} |")
     return "\n".join(lines)
 
 

@@ -32,6 +32,8 @@ def test_units_are_one_per_plan_and_seed_and_skip_the_full_model_and_timings(tmp
     assert [(u["kept"]["vlm"], u["seed"], u["success"]) for u in units] == [([0, 3], 0, 0.4), ([0, 3], 1, 0.3),
                                                                             ([0, 1], 0, 0.2)]
     assert units[0]["variants"] == ["loss@0.5", "default@0.5"]
+    # against the full model of the same seed; seed 1 has none
+    assert [u["vs_full"] for u in units] == [pytest.approx(-0.1), None, pytest.approx(-0.3)]
 
 
 def test_correlation_is_positive_when_a_lower_signal_means_more_success():
