@@ -13,8 +13,10 @@ Then Spearman's rank correlation between each signal (negated: lower is better) 
 success, over the units (one per plan and seed), over the plans (success averaged over seeds), and
 seed-matched: over the units whose seed has a fine-tuned full model, of the success minus that full
 model's (the seeds differ in difficulty by several points, which the pooled figures mix into the
-plans' ranks). The signal with the highest seed-matched correlation is the one ``--plan.refine``
-should pick by.
+plans' ranks). Each figure also comes per budget (``group``: the ratio, and ``+vision`` where the
+vision encoder was planned too), since a choice among plans is made at one budget: pooled over
+budgets, a signal that only tells depths apart scores well. The signal with the highest seed-matched
+correlation at a budget is the one ``--plan.refine`` should pick by.
 
     python benchmarks/selection_signals.py --study outputs/mw_study_pretrained \\
         --out benchmarks/results/selection_signals_cpu.json
@@ -62,8 +64,9 @@ def study_units(records_path: Path) -> list[dict[str, Any]]:
         key = (json.dumps(record["kept"], sort_keys=True), record["seed"])
         success = record["evaluation"]["success_rate"]
         vs_full = None if record["seed"] not in full else success - full[record["seed"]]
+        group = f"{record['ratio']:g}" + ("+vision" if record["method"].endswith("+vision") else "")
         unit = units.setdefault(key, {"kept": record["kept"], "seed": record["seed"], "variants": [],
-                                      "success": success, "vs_full": vs_full})
+                                      "success": success, "vs_full": vs_full, "group": group})
         unit["variants"].append(f"{record['method']}@{record['ratio']:g}")
     return list(units.values())
 
@@ -80,6 +83,20 @@ def correlations(points: list[dict[str, Any]], success: str) -> dict[str, dict[s
             rho = float(result.statistic)
         out[signal] = {"rho": rho, "n": len(points)}
     return out
+
+
+def seed_matched(units: list[dict[str, Any]]) -> dict[str, dict[str, float | int | None]]:
+    """:func:`correlations` of the signals with the success minus the same seed's full model's."""
+    return correlations([u for u in units if u["vs_full"] is not None], "vs_full")
+
+
+def by_group(units: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per budget group with at least 3 units: the correlations over its units, pooled and seed-matched."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for unit in units:
+        groups.setdefault(unit["group"], []).append(unit)
+    return {g: {"units": correlations(members, "success"), "seed_matched": seed_matched(members)}
+            for g, members in sorted(groups.items()) if len(members) >= 3}
 
 
 def main() -> None:
@@ -121,7 +138,7 @@ def main() -> None:
               "full_loss": loss.full, "holdout_samples": holdout_config.num_samples,
               "correlation_over_units": correlations(units, "success"),
               "correlation_over_plans": correlations(rows, "success_mean"),
-              "correlation_seed_matched": correlations([u for u in units if u["vs_full"] is not None], "vs_full"),
+              "correlation_seed_matched": seed_matched(units), "correlation_by_group": by_group(units),
               "plans": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
@@ -147,6 +164,10 @@ def table(result: dict[str, Any]) -> str:
         c = result[key]
         cells = " | ".join("–" if c[s]["rho"] is None else f"{c[s]['rho']:+.2f}" for s in SIGNALS)
         lines.append(f"| over {c['cka_cost']['n']} {label} | {cells} |")
+    for group, both in result["correlation_by_group"].items():
+        for label, c in (("units", both["units"]), ("units, seed-matched", both["seed_matched"])):
+            cells = " | ".join("–" if c[s]["rho"] is None else f"{c[s]['rho']:+.2f}" for s in SIGNALS)
+            lines.append(f"| at ratio {group}: over {c['cka_cost']['n']} {label} | {cells} |")
     return "\n".join(lines)
 
 

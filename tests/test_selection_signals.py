@@ -34,6 +34,23 @@ def test_units_are_one_per_plan_and_seed_and_skip_the_full_model_and_timings(tmp
     assert units[0]["variants"] == ["loss@0.5", "default@0.5"]
     # against the full model of the same seed; seed 1 has none
     assert [u["vs_full"] for u in units] == [pytest.approx(-0.1), None, pytest.approx(-0.3)]
+    assert {u["group"] for u in units} == {"0.5"}
+
+
+def test_correlations_per_budget_keep_depths_apart():
+    def unit(group, signal, success, vs_full):
+        return {"group": group, "cka_cost": signal, "damage": signal, "loss_increase": signal, "success": success,
+                "vs_full": vs_full}
+
+    # within each budget a lower signal means less success; pooled, the deeper budget's higher success wins
+    units = [unit("0.25", s, r, r - 0.5) for s, r in [(0.1, 0.8), (0.2, 0.9), (0.3, 1.0)]]
+    units += [unit("0.5", s, r, r - 0.5) for s, r in [(1.1, 0.1), (1.2, 0.2), (1.3, 0.3)]]
+    units.append(unit("0.5+vision", 1, 0, 0))
+    assert signals.correlations(units[:6], "success")["damage"]["rho"] > 0
+    groups = signals.by_group(units)
+    assert set(groups) == {"0.25", "0.5"}  # fewer than 3 units: no figure
+    assert groups["0.5"]["units"]["damage"]["rho"] == pytest.approx(-1.0)
+    assert groups["0.25"]["seed_matched"]["loss_increase"]["rho"] == pytest.approx(-1.0)
 
 
 def test_correlation_is_positive_when_a_lower_signal_means_more_success():
