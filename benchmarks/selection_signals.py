@@ -161,14 +161,17 @@ def table(result: dict[str, Any]) -> str:
               "|---|---|---|---|"]
     for label, key in (("units", "correlation_over_units"), ("plans", "correlation_over_plans"),
                        ("units, seed-matched (success − the full model's at that seed)", "correlation_seed_matched")):
-        c = result[key]
-        cells = " | ".join("–" if c[s]["rho"] is None else f"{c[s]['rho']:+.2f}" for s in SIGNALS)
-        lines.append(f"| over {c['cka_cost']['n']} {label} | {cells} |")
+        lines.append(_row(f"over {{n}} {label}", result[key]))
     for group, both in result["correlation_by_group"].items():
-        for label, c in (("units", both["units"]), ("units, seed-matched", both["seed_matched"])):
-            cells = " | ".join("–" if c[s]["rho"] is None else f"{c[s]['rho']:+.2f}" for s in SIGNALS)
-            lines.append(f"| at ratio {group}: over {c['cka_cost']['n']} {label} | {cells} |")
+        lines.append(_row(f"at ratio {group}: over {{n}} units", both["units"]))
+        lines.append(_row(f"at ratio {group}: over {{n}} units, seed-matched", both["seed_matched"]))
     return "\n".join(lines)
+
+
+def _row(label: str, c: dict[str, dict[str, Any]]) -> str:
+    """A table row of the signals' ρ (``label`` with ``{n}`` for the number of points)."""
+    cells = " | ".join("–" if c[s]["rho"] is None else f"{c[s]['rho']:+.2f}" for s in SIGNALS)
+    return f"| {label.format(n=c['cka_cost']['n'])} | {cells} |"
 
 
 if __name__ == "__main__":

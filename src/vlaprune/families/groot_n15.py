@@ -42,7 +42,7 @@ _BRANCHES = ("attn1", "ff")
 PAPER_PLAN = {"llm": [0, 1, 2, 10, 11], "vl_self_attention": [0, 1, 3], "dit": [0, 3, 8, 9, 12, 13, 14, 15]}
 
 
-# depths live in config.json, dotted into its nested dicts
+# the vision depth lives in the Eagle config directory (no depth_key); the others in config.json, dotted
 _VISION_STACK = vision_stack(_VISION, "Eagle's SigLIP vision-encoder layers, run once per camera image")
 _STACKS = (
     _VISION_STACK,
