@@ -76,7 +76,7 @@ def test_every_method_gives_a_verified_checkpoint(tmp_path, spec, method):
 
 
 def test_refine_on_synthetic_frames_keeps_the_least_damaging_plan_of_the_pool(tmp_path):
-    result = run_prune(_cfg(tmp_path / "p", "tiny:pi0"))  # refine=auto: without action labels, by chunk damage
+    result = run_prune(_cfg(tmp_path / "p", "tiny:pi0"))  # refine=auto: by chunk damage
     candidates = result.manifest.candidates
     assert candidates[0]["method"] == "cka-dp"
     found = [m for c in candidates for m in (c["method"], *c["details"].get("also", []))]
@@ -88,22 +88,25 @@ def test_refine_on_synthetic_frames_keeps_the_least_damaging_plan_of_the_pool(tm
     assert result.manifest.kept() == {"vision": [0, 1], **{n: list(k) for n, k in chosen[0]["kept"].items()}}
 
 
-def test_refine_on_demonstrations_picks_by_the_training_loss_among_every_plan(tmp_path):
+def test_refine_on_demonstrations_measures_both_signals_and_auto_picks_by_the_chunk_damage(tmp_path):
     make_dataset(tmp_path / "data")
     result = run_prune(_cfg(tmp_path / "p", repo_id="local/calib", root=str(tmp_path / "data")))
     candidates = result.manifest.candidates
     found = {m for c in candidates for m in (c["method"], *c["details"].get("also", []))}
-    assert {"cka-dp", "loss", *POOL} <= found
-    assert all(c["damage"] is not None and c["signal"] == "loss_increase" for c in candidates)
+    assert {"cka-dp", "loss", *POOL} <= found  # with action labels the loss plan joins the pool
+    assert all(c["damage"] is not None and c["loss_increase"] is not None for c in candidates)
+    assert {c["signal"] for c in candidates} == {"damage"} and result.manifest.settings["refine_signal"] == "damage"
     chosen = [c for c in candidates if c["chosen"]]
-    assert len(chosen) == 1 and chosen[0]["loss_increase"] == min(c["loss_increase"] for c in candidates)
-    assert result.manifest.settings["refine_signal"] == "loss"
-    by_damage = run_prune(_cfg(tmp_path / "d", repo_id="local/calib", root=str(tmp_path / "data"), refine="damage"))
+    assert len(chosen) == 1 and chosen[0]["damage"] == min(c["damage"] for c in candidates)
+    by_loss = run_prune(_cfg(tmp_path / "l", repo_id="local/calib", root=str(tmp_path / "data"), refine="loss"))
     # the same pool, measured the same way: only the signal that picks differs
-    assert [c["kept"] for c in by_damage.manifest.candidates] == [c["kept"] for c in candidates]
-    assert [c["damage"] for c in by_damage.manifest.candidates] == pytest.approx([c["damage"] for c in candidates])
-    picked = next(c for c in by_damage.manifest.candidates if c["chosen"])
-    assert picked["damage"] == min(c["damage"] for c in candidates)
+    assert [c["kept"] for c in by_loss.manifest.candidates] == [c["kept"] for c in candidates]
+    assert [c["damage"] for c in by_loss.manifest.candidates] == pytest.approx([c["damage"] for c in candidates])
+    assert [c["loss_increase"] for c in by_loss.manifest.candidates] == pytest.approx(
+        [c["loss_increase"] for c in candidates])
+    picked = next(c for c in by_loss.manifest.candidates if c["chosen"])
+    assert picked["loss_increase"] == min(c["loss_increase"] for c in candidates)
+    assert by_loss.manifest.settings["refine_signal"] == "loss"
 
 
 def test_refine_by_loss_without_labels_and_unknown_signals_are_refused(tmp_path):

@@ -107,8 +107,8 @@ class PlanArgs:
     # (every stack but the opt-in vision encoder) and any stack --plan.keep or --plan.kept names
     stacks: list[str] | None = None
     # measure every plan of the pool (the requested one, first-k, the best contiguous window, the loss plan,
-    # the similarity plans) and keep the lowest: auto (loss increase with demonstrations, else chunk damage),
-    # loss, damage or off
+    # the similarity plans) and keep the lowest: auto (the chunk damage, the signal that ranked the study's
+    # fine-tuned plans best), damage, loss (needs demonstrations) or off
     refine: str = "auto"
     protect: list[int] = field(default_factory=list)  # block indices never removed (in every stack)
     allow: list[str] = field(default_factory=list)  # family protections lifted knowingly, e.g. '[deepstack]'

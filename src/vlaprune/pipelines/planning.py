@@ -193,15 +193,16 @@ def load_analysis(path: Path) -> dict[str, StackAnalysis]:
     return {name: StackAnalysis.from_json(name, s) for name, s in data["stacks"].items()}
 
 
-def refine_signal(setting: str, labelled: bool) -> str | None:
-    """The signal ``--plan.refine`` picks by (None = off). ``auto``: the training-loss increase when the
-    calibration frames carry action labels (demonstrations), else the action-chunk damage."""
+def refine_signal(setting: str) -> str | None:
+    """The signal ``--plan.refine`` picks by (None = off). ``auto`` is the action-chunk damage, with or
+    without action labels: over the MetaWorld study's fine-tuned units it ranks plans by success better
+    than the training-loss increase does (``benchmarks/selection_signals.py``)."""
     if setting not in REFINE:
         raise ValueError(f"--plan.refine={setting!r} is unknown; choose one of {', '.join(REFINE)}")
     if setting == "off":
         return None
     if setting == "auto":
-        return LOSS if labelled else "damage"
+        return "damage"
     return setting
 
 
@@ -224,7 +225,7 @@ def choose_plan(
     # cka-run's --plan.run_threshold decides the depth itself; the pool then meets the depth it chose
     budget = None if args.run_threshold is not None else Budget(ratio=args.ratio, keep=args.keep,
                                                                 threshold=args.threshold)
-    signal = refine_signal(args.refine, labelled=loss is not None)
+    signal = refine_signal(args.refine)
     if (args.method == LOSS or signal == LOSS) and loss is None:
         flag = "--plan.method" if args.method == LOSS else "--plan.refine"
         raise ValueError(f"{flag}={LOSS} needs demonstrations: it measures the training loss on calibration frames "

@@ -117,7 +117,7 @@ def run_prune(cfg: PruneConfig, *, on_batch: Callable[[int], None] | None = None
                      "holdout_samples": cfg.holdout_samples, "analysis": cfg.analysis},
         settings={**settings_dict(cka, capture), "budget": {"ratio": cfg.plan.ratio, "keep": cfg.plan.keep,
                   "threshold": cfg.plan.threshold}, "stacks": list(planned), "refine": cfg.plan.refine,
-                  "refine_signal": refine_signal(cfg.plan.refine, labelled), "protect": cfg.plan.protect,
+                  "refine_signal": refine_signal(cfg.plan.refine), "protect": cfg.plan.protect,
                   "allow": cfg.plan.allow, "tolerance": cfg.tolerance},
         versions=library_versions(),
     )
