@@ -393,9 +393,10 @@ def top_direction_share(states: Sequence[Tensor], mask: Tensor | None = None, *,
 
 # What the warning proposes, from the measurements on real pretrained layers (README, "Similarity on
 # real pretrained layers"): rms was the CKA setting whose plan costs ranked real damage best; plans
-# by measurement (the training loss) do not rely on the similarity at all.
+# by measurement (the training loss, the chunk damage) do not rely on the similarity at all.
 _REMEDY_CKA = "--cka.token_norm=rms"
-_REMEDY_PLAN = "--plan.method=loss (or --plan.refine=loss, the default with a dataset)"
+_REMEDY_PLAN = ("--plan.method=loss, or keep --plan.refine on (the default: it measures the chunk damage of "
+                "every plan of the pool)")
 
 
 def saturation_warning(stack: str, cka: Tensor, config: CKAConfig, top_direction: Sequence[float] | None = None, *,
